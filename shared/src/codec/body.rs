@@ -1,12 +1,13 @@
 //! The batch body: grouping readings into series and encoding each column (see the format in
 //! the parent module).
 
+use std::collections::HashMap;
 use std::hash::Hasher;
 
 use super::bytes::{put_varint, zigzag, ByteReader};
-use super::{floats, read_name, DecodeError, SeriesColumns, ValueColumn};
+use super::{floats, DecodeError, SeriesColumns, ValueColumn};
 use crate::model::{
-    DeviceId, MetricName, Quality, Reading, ShortStr, Value, ValueKind, MAX_STR_LEN,
+    DeviceId, MetricName, NameError, Quality, Reading, ShortStr, Value, ValueKind, MAX_STR_LEN,
 };
 
 /// Buffers reused from one batch to the next, so a steady encoder allocates nothing.
@@ -20,7 +21,7 @@ pub struct EncodeScratch {
     by_series: Vec<u32>,
     /// Start of each series in `by_series`, plus one end marker.
     offsets: Vec<usize>,
-    strings: std::collections::HashMap<ShortStr, u32>,
+    strings: HashMap<ShortStr, u32>,
     string_list: Vec<ShortStr>,
     floats: Vec<f64>,
     ints: Vec<i64>,
@@ -291,10 +292,54 @@ impl FxHasher {
     }
 }
 
+/// Names seen in earlier batches, so a decoder that sees the same devices batch after batch
+/// validates and allocates each name once. Bounded: it starts over past `NAME_CACHE_LIMIT`.
+#[derive(Default)]
+pub struct NameCache {
+    devices: HashMap<Box<[u8]>, DeviceId>,
+    metrics: HashMap<Box<[u8]>, MetricName>,
+}
+
+const NAME_CACHE_LIMIT: usize = 4_096;
+
+impl NameCache {
+    fn device(&mut self, reader: &mut ByteReader<'_>) -> Result<DeviceId, DecodeError> {
+        cached(&mut self.devices, reader, "device", DeviceId::new)
+    }
+
+    fn metric(&mut self, reader: &mut ByteReader<'_>) -> Result<MetricName, DecodeError> {
+        cached(&mut self.metrics, reader, "metric", MetricName::new)
+    }
+}
+
+fn cached<N: Clone>(
+    cache: &mut HashMap<Box<[u8]>, N>,
+    reader: &mut ByteReader<'_>,
+    what: &'static str,
+    validate: fn(&str) -> Result<N, NameError>,
+) -> Result<N, DecodeError> {
+    let len = reader.u8(what)? as usize;
+    let bytes = reader.bytes(len, what)?;
+    if let Some(name) = cache.get(bytes) {
+        return Ok(name.clone());
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid {
+        what,
+        why: "not UTF-8",
+    })?;
+    let name = validate(text)?;
+    if cache.len() >= NAME_CACHE_LIMIT {
+        cache.clear();
+    }
+    cache.insert(bytes.into(), name.clone());
+    Ok(name)
+}
+
 /// Parses a decompressed body holding `count` readings.
 pub fn decode_body(
     raw: &[u8],
     count: usize,
+    names: &mut NameCache,
 ) -> Result<(Vec<SeriesColumns>, Vec<u32>), DecodeError> {
     // Every reading takes at least one byte (its timestamp), so counts beyond the body's length
     // are lies; checking this first bounds every allocation below by the body's size.
@@ -327,8 +372,8 @@ pub fn decode_body(
     let mut table = Vec::with_capacity(n_series);
     let mut total = 0usize;
     for _ in 0..n_series {
-        let device = DeviceId::new(read_name(&mut reader, "device")?)?;
-        let metric = MetricName::new(read_name(&mut reader, "metric")?)?;
+        let device = names.device(&mut reader)?;
+        let metric = names.metric(&mut reader)?;
         let kind = ValueKind::from_u8(reader.u8("value kind")?).ok_or(DecodeError::Invalid {
             what: "value kind",
             why: "unknown kind",

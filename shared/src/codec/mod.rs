@@ -314,6 +314,7 @@ impl Encoder {
 pub struct Decoder {
     decompressor: zstd::bulk::Decompressor<'static>,
     raw: Vec<u8>,
+    names: body::NameCache,
 }
 
 impl Decoder {
@@ -321,6 +322,7 @@ impl Decoder {
         Self {
             decompressor: zstd::bulk::Decompressor::new().expect("zstd decompression context"),
             raw: Vec::new(),
+            names: body::NameCache::default(),
         }
     }
 
@@ -349,7 +351,7 @@ impl Decoder {
         } else {
             body
         };
-        let (series, order) = body::decode_body(raw, header.count as usize)?;
+        let (series, order) = body::decode_body(raw, header.count as usize, &mut self.names)?;
         Ok(ColumnarBatch {
             header,
             series,
