@@ -1,1 +1,115 @@
-fn main() {}
+//! `fieldgate`: the one command people type.
+//!
+//! # Layout
+//! - `codec estimate`: the bandwidth a fleet's data needs ([`codec_estimate`]), reading CSV or
+//!   JSON lines ([`readings_file`]) or synthetic sensor data.
+
+mod codec_estimate;
+mod readings_file;
+
+use std::fs::File;
+use std::io::{self, BufReader};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fieldgate_shared::generate::{FleetConfig, SensorFleet};
+
+#[derive(Parser)]
+#[command(
+    name = "fieldgate",
+    version,
+    about = "Fieldgate: edge-to-cloud gateway for field devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The batch codec that carries readings from gateways to clouds.
+    Codec {
+        #[command(subcommand)]
+        command: CodecCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CodecCommand {
+    /// Measure how many bytes per reading data needs in Fieldgate's batch format, against JSON
+    /// lines and XOR-only float encoding: the uplink bandwidth a fleet will need.
+    Estimate {
+        /// CSV with header `device,metric,ts_ms,value` (optionally `quality`), or JSON lines of
+        /// objects with those fields; `-` reads standard input.
+        #[arg(required_unless_present = "synthetic", conflicts_with = "synthetic")]
+        file: Option<String>,
+        /// Use N readings of synthetic sensor data (1 s interval, 2 decimals) instead of a file.
+        #[arg(long, value_name = "N")]
+        synthetic: Option<u64>,
+        /// Devices in the synthetic fleet.
+        #[arg(long, default_value_t = 10, requires = "synthetic")]
+        devices: usize,
+        /// Seed of the synthetic data.
+        #[arg(long, default_value_t = 1, requires = "synthetic")]
+        seed: u64,
+        /// Readings per batch, cut in arrival order as a gateway sends them.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Codec {
+            command:
+                CodecCommand::Estimate {
+                    file,
+                    synthetic,
+                    devices,
+                    seed,
+                    batch,
+                    json,
+                },
+        } => {
+            let estimate = match (file, synthetic) {
+                (_, Some(n)) => {
+                    anyhow::ensure!(devices > 0, "--devices must be at least 1");
+                    let config = FleetConfig {
+                        seed,
+                        devices,
+                        ..FleetConfig::default()
+                    };
+                    let input = format!(
+                        "synthetic: {devices} devices × {} metrics at 1 s, seed {seed}",
+                        config.metrics.len()
+                    );
+                    let readings = SensorFleet::new(config).take(n as usize).map(Ok);
+                    codec_estimate::estimate(input, readings, batch)?
+                }
+                (Some(path), None) => {
+                    let input: Box<dyn io::BufRead> = if path == "-" {
+                        Box::new(io::stdin().lock())
+                    } else {
+                        let file =
+                            File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                        Box::new(BufReader::with_capacity(1 << 16, file))
+                    };
+                    let readings = readings_file::ReadingsFile::new(input, &path)
+                        .map(|r| r.map_err(anyhow::Error::from));
+                    codec_estimate::estimate(path.clone(), readings, batch)?
+                }
+                (None, None) => unreachable!("clap requires a file or --synthetic"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&estimate)?);
+            } else {
+                codec_estimate::print_table(&estimate, &mut io::stdout().lock())?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -12,14 +12,22 @@ use std::hint::black_box;
 const TOTAL: usize = 100_000;
 
 fn batches(batch_size: usize) -> (Vec<Vec<Reading>>, BatchMeta) {
-    let readings: Vec<Reading> = SensorFleet::new(FleetConfig::default()).take(TOTAL).collect();
+    let readings: Vec<Reading> = SensorFleet::new(FleetConfig::default())
+        .take(TOTAL)
+        .collect();
     let meta = BatchMeta {
         gateway: GatewayId::new("gw-bench").unwrap(),
         stream: StreamId::new("raw").unwrap(),
         first_seq: 1,
         last_seq: batch_size as u64,
     };
-    (readings.chunks(batch_size).map(<[Reading]>::to_vec).collect(), meta)
+    (
+        readings
+            .chunks(batch_size)
+            .map(<[Reading]>::to_vec)
+            .collect(),
+        meta,
+    )
 }
 
 fn codec(c: &mut Criterion) {
@@ -30,31 +38,46 @@ fn codec(c: &mut Criterion) {
         let (batches, meta) = batches(batch_size);
         let mut encoder = Encoder::new(EncodeOptions::default()).unwrap();
         let mut out = Vec::new();
-        group.bench_with_input(BenchmarkId::new("encode", batch_size), &batches, |b, batches| {
-            b.iter(|| {
-                for batch in batches {
-                    out.clear();
-                    encoder.encode_into(&meta, batch, &mut out).unwrap();
-                    black_box(&out);
-                }
-            })
-        });
-        let encoded: Vec<Vec<u8>> = batches.iter().map(|batch| encoder.encode(&meta, batch).unwrap()).collect();
+        group.bench_with_input(
+            BenchmarkId::new("encode", batch_size),
+            &batches,
+            |b, batches| {
+                b.iter(|| {
+                    for batch in batches {
+                        out.clear();
+                        encoder.encode_into(&meta, batch, &mut out).unwrap();
+                        black_box(&out);
+                    }
+                })
+            },
+        );
+        let encoded: Vec<Vec<u8>> = batches
+            .iter()
+            .map(|batch| encoder.encode(&meta, batch).unwrap())
+            .collect();
         let mut decoder = Decoder::new();
-        group.bench_with_input(BenchmarkId::new("decode", batch_size), &encoded, |b, encoded| {
-            b.iter(|| {
-                for bytes in encoded {
-                    black_box(decoder.decode(bytes).unwrap());
-                }
-            })
-        });
-        group.bench_with_input(BenchmarkId::new("decode_to_rows", batch_size), &encoded, |b, encoded| {
-            b.iter(|| {
-                for bytes in encoded {
-                    black_box(decoder.decode(bytes).unwrap().readings());
-                }
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("decode", batch_size),
+            &encoded,
+            |b, encoded| {
+                b.iter(|| {
+                    for bytes in encoded {
+                        black_box(decoder.decode(bytes).unwrap());
+                    }
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("decode_to_rows", batch_size),
+            &encoded,
+            |b, encoded| {
+                b.iter(|| {
+                    for bytes in encoded {
+                        black_box(decoder.decode(bytes).unwrap().readings());
+                    }
+                })
+            },
+        );
     }
     group.finish();
 }

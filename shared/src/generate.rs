@@ -288,8 +288,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_readings() {
-        let a: Vec<_> = SensorFleet::new(FleetConfig::default()).take(5_000).collect();
-        let b: Vec<_> = SensorFleet::new(FleetConfig::default()).take(5_000).collect();
+        let a: Vec<_> = SensorFleet::new(FleetConfig::default())
+            .take(5_000)
+            .collect();
+        let b: Vec<_> = SensorFleet::new(FleetConfig::default())
+            .take(5_000)
+            .collect();
         assert_eq!(a, b);
         let other = FleetConfig {
             seed: 2,

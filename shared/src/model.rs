@@ -319,7 +319,14 @@ mod tests {
 
     #[test]
     fn names_accept_the_usual_shapes() {
-        for name in ["meter-07", "plc1", "power.l1", "_x", "a:b", &"x".repeat(MAX_NAME_LEN)] {
+        for name in [
+            "meter-07",
+            "plc1",
+            "power.l1",
+            "_x",
+            "a:b",
+            &"x".repeat(MAX_NAME_LEN),
+        ] {
             DeviceId::new(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
@@ -364,7 +371,10 @@ mod tests {
             },
         );
         let message = MetricName::new("a+b").unwrap_err().to_string();
-        assert!(message.contains("'+'") && message.contains("byte 1"), "{message}");
+        assert!(
+            message.contains("'+'") && message.contains("byte 1"),
+            "{message}"
+        );
     }
 
     #[test]

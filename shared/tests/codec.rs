@@ -5,7 +5,9 @@ use fieldgate_shared::codec::{
     self, BatchMeta, DecodeError, Decoder, EncodeError, EncodeOptions, Encoder, MAX_BATCH_READINGS,
 };
 use fieldgate_shared::generate::{FleetConfig, SensorFleet};
-use fieldgate_shared::{DeviceId, GatewayId, MetricName, Quality, Reading, ShortStr, StreamId, Value};
+use fieldgate_shared::{
+    DeviceId, GatewayId, MetricName, Quality, Reading, ShortStr, StreamId, Value,
+};
 use proptest::prelude::*;
 
 fn meta(first_seq: u64, count: usize) -> BatchMeta {
@@ -133,8 +135,14 @@ fn a_hand_written_batch_decodes() {
     let batch = codec::decode(&raw_batch(2, &body)).unwrap();
     let readings = batch.readings();
     assert_eq!(readings.len(), 2);
-    assert_eq!((readings[0].ts_ms, &readings[0].value), (10, &Value::I64(5)));
-    assert_eq!((readings[1].ts_ms, &readings[1].value), (12, &Value::I64(3)));
+    assert_eq!(
+        (readings[0].ts_ms, &readings[0].value),
+        (10, &Value::I64(5))
+    );
+    assert_eq!(
+        (readings[1].ts_ms, &readings[1].value),
+        (12, &Value::I64(3))
+    );
 }
 
 #[test]
@@ -144,17 +152,37 @@ fn hostile_bodies_are_refused_with_a_reason() {
         assert!(err.to_string().contains(needle), "{body:?}: {err}");
     };
     // Series lengths that do not add up to the count.
-    check(3, &[1, 0, 1, b'd', 1, b'm', 1, 2, 20, 4, 10, 3, 0, 2], "series length");
+    check(
+        3,
+        &[1, 0, 1, b'd', 1, b'm', 1, 2, 20, 4, 10, 3, 0, 2],
+        "series length",
+    );
     // A count larger than the body could possibly hold.
     check(1000, &[1, 0, 1, b'd'], "more readings than body bytes");
     // A string index beyond the dictionary.
-    check(1, &[1, 0, 1, b'd', 1, b'm', 3, 1, 0, 7, 0, 1], "beyond the dictionary");
+    check(
+        1,
+        &[1, 0, 1, b'd', 1, b'm', 3, 1, 0, 7, 0, 1],
+        "beyond the dictionary",
+    );
     // A device name with a slash.
-    check(1, &[1, 0, 1, b'/', 1, b'm', 1, 1, 0, 0, 0, 1], "device name");
+    check(
+        1,
+        &[1, 0, 1, b'/', 1, b'm', 1, 1, 0, 0, 0, 1],
+        "device name",
+    );
     // Trailing bytes.
-    check(1, &[1, 0, 1, b'd', 1, b'm', 1, 1, 0, 0, 0, 1, 9], "trailing");
+    check(
+        1,
+        &[1, 0, 1, b'd', 1, b'm', 1, 1, 0, 0, 0, 1, 9],
+        "trailing",
+    );
     // A quality run longer than the series.
-    check(1, &[1, 0, 1, b'd', 1, b'm', 1, 1, 0, 0, 0, 5], "quality run");
+    check(
+        1,
+        &[1, 0, 1, b'd', 1, b'm', 1, 1, 0, 0, 0, 5],
+        "quality run",
+    );
     // An unknown value kind.
     check(1, &[1, 0, 1, b'd', 1, b'm', 9, 1, 0, 0, 0, 1], "value kind");
 }
@@ -178,28 +206,47 @@ fn header_errors_name_what_is_wrong() {
 
     let mut wrong_version = bytes.clone();
     wrong_version[3] = 9;
-    assert_eq!(codec::decode(&wrong_version).unwrap_err(), DecodeError::UnsupportedVersion(9));
+    assert_eq!(
+        codec::decode(&wrong_version).unwrap_err(),
+        DecodeError::UnsupportedVersion(9)
+    );
 
-    assert_eq!(codec::decode(b"{\"json\": 1}").unwrap_err(), DecodeError::BadMagic);
+    assert_eq!(
+        codec::decode(b"{\"json\": 1}").unwrap_err(),
+        DecodeError::BadMagic
+    );
 
     let mut flipped = bytes.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0x01;
-    assert!(matches!(codec::decode(&flipped), Err(DecodeError::ChecksumMismatch { .. })));
+    assert!(matches!(
+        codec::decode(&flipped),
+        Err(DecodeError::ChecksumMismatch { .. })
+    ));
 
     let mut huge_count = bytes.clone();
     let count_at = checksum_offset(&bytes) - 12;
     huge_count[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     let err = codec::decode(&with_valid_checksum(huge_count)).unwrap_err();
-    assert!(matches!(err, DecodeError::TooLarge { what: "count", .. }), "{err}");
+    assert!(
+        matches!(err, DecodeError::TooLarge { what: "count", .. }),
+        "{err}"
+    );
 }
 
 #[test]
 fn encoding_refuses_what_cannot_be_a_batch() {
     let mut encoder = Encoder::new(EncodeOptions::default()).unwrap();
-    assert_eq!(encoder.encode(&meta(1, 1), &[]).unwrap_err(), EncodeError::Empty);
+    assert_eq!(
+        encoder.encode(&meta(1, 1), &[]).unwrap_err(),
+        EncodeError::Empty
+    );
     let reading = SensorFleet::new(FleetConfig::default()).next().unwrap();
-    let backwards = BatchMeta { first_seq: 5, last_seq: 4, ..meta(1, 1) };
+    let backwards = BatchMeta {
+        first_seq: 5,
+        last_seq: 4,
+        ..meta(1, 1)
+    };
     assert!(matches!(
         encoder.encode(&backwards, &[reading.clone()]),
         Err(EncodeError::BadSeqRange { .. })
@@ -231,7 +278,9 @@ fn one_encoder_and_decoder_serve_many_batches() {
 fn synthetic_sensor_data_is_compact() {
     // Guards the format's efficiency against regressions; the measured figures are in
     // BENCHMARKS.md. The bound is loose on purpose: the target is 1.5 bytes per reading.
-    let readings: Vec<Reading> = SensorFleet::new(FleetConfig::default()).take(100_000).collect();
+    let readings: Vec<Reading> = SensorFleet::new(FleetConfig::default())
+        .take(100_000)
+        .collect();
     let mut encoder = Encoder::new(EncodeOptions::default()).unwrap();
     let total: usize = readings
         .chunks(1_000)

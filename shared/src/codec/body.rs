@@ -53,16 +53,19 @@ impl EncodeScratch {
                 put_varint(out, s as u64);
             }
         }
+        let mut prev_first_ts = 0i64;
         for i in 0..n_series {
             let members = &self.by_series[self.offsets[i]..self.offsets[i + 1]];
-            encode_timestamps(members, readings, out);
+            encode_timestamps(members, readings, prev_first_ts, out);
+            prev_first_ts = readings[members[0] as usize].ts_ms;
             match self.series.keys[i].kind {
                 ValueKind::F64 => {
                     self.floats.clear();
-                    self.floats.extend(members.iter().map(|&r| match readings[r as usize].value {
-                        Value::F64(v) => v,
-                        _ => unreachable!("series are grouped by value kind"),
-                    }));
+                    self.floats
+                        .extend(members.iter().map(|&r| match readings[r as usize].value {
+                            Value::F64(v) => v,
+                            _ => unreachable!("series are grouped by value kind"),
+                        }));
                     floats::encode(&self.floats, decimal_floats, out, &mut self.ints);
                 }
                 ValueKind::I64 => {
@@ -121,7 +124,8 @@ impl EncodeScratch {
         for reading in readings {
             if let Value::Str(s) = &reading.value {
                 if !self.strings.contains_key(s) {
-                    self.strings.insert(s.clone(), self.string_list.len() as u32);
+                    self.strings
+                        .insert(s.clone(), self.string_list.len() as u32);
                     self.string_list.push(s.clone());
                 }
             }
@@ -129,13 +133,15 @@ impl EncodeScratch {
     }
 }
 
-fn encode_timestamps(members: &[u32], readings: &[Reading], out: &mut Vec<u8>) {
+/// Series of one batch start at about the same time, so each series' first timestamp is stored
+/// as a difference from the previous series' first timestamp (`base`).
+fn encode_timestamps(members: &[u32], readings: &[Reading], base: i64, out: &mut Vec<u8>) {
     let mut prev_ts = 0i64;
     let mut prev_delta = 0i64;
     for (j, &r) in members.iter().enumerate() {
         let ts = readings[r as usize].ts_ms;
         if j == 0 {
-            put_varint(out, zigzag(ts));
+            put_varint(out, zigzag(ts.wrapping_sub(base)));
         } else {
             let delta = ts.wrapping_sub(prev_ts);
             put_varint(out, zigzag(delta.wrapping_sub(prev_delta)));
@@ -403,7 +409,11 @@ pub fn decode_body(
             seen[s] += 1;
             order.push(s as u32);
         }
-        if seen.iter().zip(&table).any(|(&seen, entry)| seen != entry.3) {
+        if seen
+            .iter()
+            .zip(&table)
+            .any(|(&seen, entry)| seen != entry.3)
+        {
             return Err(DecodeError::Invalid {
                 what: "order",
                 why: "series occurrences differ from the series lengths",
@@ -415,8 +425,10 @@ pub fn decode_body(
     };
 
     let mut series = Vec::with_capacity(n_series);
+    let mut prev_first_ts = 0i64;
     for (device, metric, kind, n) in table {
-        let ts_ms = decode_timestamps(&mut reader, n)?;
+        let ts_ms = decode_timestamps(&mut reader, n, prev_first_ts)?;
+        prev_first_ts = ts_ms[0];
         let values = match kind {
             ValueKind::F64 => {
                 let mut values = Vec::with_capacity(n);
@@ -464,9 +476,13 @@ pub fn decode_body(
     Ok((series, order))
 }
 
-fn decode_timestamps(reader: &mut ByteReader<'_>, n: usize) -> Result<Vec<i64>, DecodeError> {
+fn decode_timestamps(
+    reader: &mut ByteReader<'_>,
+    n: usize,
+    base: i64,
+) -> Result<Vec<i64>, DecodeError> {
     let mut ts_ms = Vec::with_capacity(n);
-    let mut ts = reader.signed_varint("timestamp")?;
+    let mut ts = base.wrapping_add(reader.signed_varint("timestamp")?);
     ts_ms.push(ts);
     let mut delta = 0i64;
     for _ in 1..n {

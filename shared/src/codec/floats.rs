@@ -71,7 +71,11 @@ fn encode_decimal(values: &[f64], out: &mut Vec<u8>, scratch: &mut Vec<i64>) -> 
     true
 }
 
-pub fn decode(reader: &mut ByteReader<'_>, n: usize, out: &mut Vec<f64>) -> Result<(), DecodeError> {
+pub fn decode(
+    reader: &mut ByteReader<'_>,
+    n: usize,
+    out: &mut Vec<f64>,
+) -> Result<(), DecodeError> {
     match reader.u8("float column mode")? {
         MODE_DECIMAL => {
             let scale = reader.u8("decimal scale")? as usize;

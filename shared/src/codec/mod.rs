@@ -25,8 +25,8 @@
 //!                             kind: u8 (0 f64, 1 i64, 2 bool, 3 string), n: varint >= 1)
 //!   order        count × varint series index, in arrival order (absent when n_series == 1)
 //!   columns      per series, in table order:
-//!     timestamps   zz first, then zz delta-of-delta for each next one (the delta before the
-//!                  first is taken as 0)
+//!     timestamps   zz first minus the previous series' first (0 for the first series), then
+//!                  zz delta-of-delta for each next one (the delta before the first is taken as 0)
 //!     values       f64:    mode u8: 0 = decimal: scale u8 (<= 15), then zz deltas of the values
 //!                                       times 10^scale, which divide back to the exact bits
 //!                                   1 = XOR: varint byte length, then Gorilla bit stream
@@ -52,7 +52,9 @@ mod bytes;
 mod floats;
 
 use crate::api::BatchHeader;
-use crate::model::{DeviceId, GatewayId, MetricName, NameError, Quality, Reading, ShortStr, StreamId};
+use crate::model::{
+    DeviceId, GatewayId, MetricName, NameError, Quality, Reading, ShortStr, StreamId,
+};
 
 use bytes::ByteReader;
 
@@ -241,7 +243,11 @@ impl Encoder {
         })
     }
 
-    pub fn encode(&mut self, meta: &BatchMeta, readings: &[Reading]) -> Result<Vec<u8>, EncodeError> {
+    pub fn encode(
+        &mut self,
+        meta: &BatchMeta,
+        readings: &[Reading],
+    ) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::new();
         self.encode_into(meta, readings, &mut out)?;
         Ok(out)
@@ -268,7 +274,9 @@ impl Encoder {
                 last: meta.last_seq,
             });
         }
-        let raw = self.scratch.encode_body(readings, self.options.decimal_floats);
+        let raw = self
+            .scratch
+            .encode_body(readings, self.options.decimal_floats);
         if raw.len() > MAX_BODY_BYTES as usize {
             return Err(EncodeError::BodyTooLarge { len: raw.len() });
         }
