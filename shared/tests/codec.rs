@@ -248,7 +248,7 @@ fn encoding_refuses_what_cannot_be_a_batch() {
         ..meta(1, 1)
     };
     assert!(matches!(
-        encoder.encode(&backwards, &[reading.clone()]),
+        encoder.encode(&backwards, std::slice::from_ref(&reading)),
         Err(EncodeError::BadSeqRange { .. })
     ));
     let too_many = vec![reading; MAX_BATCH_READINGS as usize + 1];

@@ -22,7 +22,8 @@ pub const MODE_XOR: u8 = 1;
 #[inline]
 fn scaled(v: f64, scale: usize) -> Option<i64> {
     let m = (v * POW10[scale]).round();
-    if !(m.abs() <= MAX_EXACT) {
+    // Written so that NaN, whose comparisons are all false, is refused too.
+    if m.is_nan() || m.abs() > MAX_EXACT {
         return None;
     }
     let m = m as i64;
