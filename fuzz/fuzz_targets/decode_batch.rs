@@ -13,10 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let readings = batch.readings();
     let meta = BatchMeta {
-        gateway: batch.header.gateway.clone(),
-        stream: batch.header.stream.clone(),
-        first_seq: batch.header.first_seq,
-        last_seq: batch.header.last_seq,
+        gateway: batch.header().gateway.clone(),
+        stream: batch.header().stream.clone(),
+        first_seq: batch.header().first_seq,
+        last_seq: batch.header().last_seq,
     };
     let again = codec::encode(&meta, &readings).expect("a decoded batch re-encodes");
     assert_eq!(codec::decode(&again).expect("re-encoded batch decodes").readings(), readings);

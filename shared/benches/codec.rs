@@ -4,7 +4,7 @@
 //! Run with `cargo bench -p fieldgate-shared --bench codec`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fieldgate_shared::codec::{BatchMeta, Decoder, EncodeOptions, Encoder};
+use fieldgate_shared::codec::{BatchMeta, ColumnarBatch, Decoder, EncodeOptions, Encoder};
 use fieldgate_shared::generate::{FleetConfig, SensorFleet};
 use fieldgate_shared::{GatewayId, Reading, StreamId};
 use std::hint::black_box;
@@ -63,6 +63,19 @@ fn codec(c: &mut Criterion) {
                 b.iter(|| {
                     for bytes in encoded {
                         black_box(decoder.decode(bytes).unwrap());
+                    }
+                })
+            },
+        );
+        let mut reused = ColumnarBatch::default();
+        group.bench_with_input(
+            BenchmarkId::new("decode_into", batch_size),
+            &encoded,
+            |b, encoded| {
+                b.iter(|| {
+                    for bytes in encoded {
+                        decoder.decode_into(bytes, &mut reused).unwrap();
+                        black_box(&reused);
                     }
                 })
             },

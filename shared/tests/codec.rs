@@ -61,8 +61,8 @@ proptest! {
         let mut encoder = Encoder::new(EncodeOptions { decimal_floats: decimal, ..EncodeOptions::default() }).unwrap();
         let bytes = encoder.encode(&meta(first_seq, readings.len()), &readings).unwrap();
         let batch = codec::decode(&bytes).unwrap();
-        prop_assert_eq!(batch.header.first_seq, first_seq);
-        prop_assert_eq!(batch.header.count as usize, readings.len());
+        prop_assert_eq!(batch.header().first_seq, first_seq);
+        prop_assert_eq!(batch.header().count as usize, readings.len());
         prop_assert_eq!(batch.readings(), readings);
     }
 
@@ -269,9 +269,45 @@ fn one_encoder_and_decoder_serve_many_batches() {
         let bytes = encoder.encode(&meta(seq, size), &readings).unwrap();
         let batch = decoder.decode(&bytes).unwrap();
         assert_eq!(batch.readings(), readings);
-        assert_eq!(Decoder::header(&bytes).unwrap(), batch.header);
+        assert_eq!(&Decoder::header(&bytes).unwrap(), batch.header());
         seq += size as u64;
     }
+}
+
+#[test]
+fn columnar_views_group_each_series_and_a_reused_batch_forgets_the_last() {
+    use fieldgate_shared::codec::{ColumnarBatch, SeriesValues};
+    let readings: Vec<Reading> = SensorFleet::new(FleetConfig::default()).take(600).collect();
+    let bytes = codec::encode(&meta(1, readings.len()), &readings).unwrap();
+    let mut decoder = Decoder::new();
+    let mut batch = ColumnarBatch::default();
+    decoder.decode_into(&bytes, &mut batch).unwrap();
+    let mut seen = 0;
+    for view in batch.series_views() {
+        let expected: Vec<&Reading> = readings
+            .iter()
+            .filter(|r| &r.device == view.device && &r.metric == view.metric)
+            .collect();
+        assert_eq!(view.ts_ms.len(), expected.len());
+        for (i, reading) in expected.iter().enumerate() {
+            assert_eq!(view.ts_ms[i], reading.ts_ms);
+            assert_eq!(view.values.get(i), reading.value);
+            assert_eq!(view.quality[i], reading.quality);
+        }
+        if view.metric.as_str() == "temperature" {
+            assert!(matches!(view.values, SeriesValues::F64(_)));
+        }
+        seen += expected.len();
+    }
+    assert_eq!(seen, readings.len());
+
+    let small: Vec<Reading> = readings[..5].to_vec();
+    decoder
+        .decode_into(&codec::encode(&meta(601, 5), &small).unwrap(), &mut batch)
+        .unwrap();
+    assert_eq!(batch.readings(), small);
+    assert!(decoder.decode_into(b"garbage", &mut batch).is_err());
+    assert!(batch.is_empty() && batch.header.is_none());
 }
 
 #[test]

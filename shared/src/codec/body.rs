@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::Hasher;
 
 use super::bytes::{put_varint, zigzag, ByteReader};
-use super::{floats, DecodeError, SeriesColumns, ValueColumn};
+use super::{floats, ColumnarBatch, DecodeError, SeriesInfo};
 use crate::model::{
     DeviceId, MetricName, NameError, Quality, Reading, ShortStr, Value, ValueKind, MAX_STR_LEN,
 };
@@ -302,9 +302,11 @@ impl FxHasher {
 /// validates and allocates each name once. Bounded: it starts over past `NAME_CACHE_LIMIT`.
 #[derive(Default)]
 pub struct NameCache {
-    devices: HashMap<Box<[u8]>, DeviceId>,
-    metrics: HashMap<Box<[u8]>, MetricName>,
+    devices: FxHashMap<Box<[u8]>, DeviceId>,
+    metrics: FxHashMap<Box<[u8]>, MetricName>,
 }
+
+type FxHashMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 const NAME_CACHE_LIMIT: usize = 4_096;
 
@@ -319,7 +321,7 @@ impl NameCache {
 }
 
 fn cached<N: Clone>(
-    cache: &mut HashMap<Box<[u8]>, N>,
+    cache: &mut FxHashMap<Box<[u8]>, N>,
     reader: &mut ByteReader<'_>,
     what: &'static str,
     validate: fn(&str) -> Result<N, NameError>,
@@ -341,12 +343,13 @@ fn cached<N: Clone>(
     Ok(name)
 }
 
-/// Parses a decompressed body holding `count` readings.
+/// Parses a decompressed body holding `count` readings into `batch`, which starts empty.
 pub fn decode_body(
     raw: &[u8],
     count: usize,
     names: &mut NameCache,
-) -> Result<(Vec<SeriesColumns>, Vec<u32>), DecodeError> {
+    batch: &mut ColumnarBatch,
+) -> Result<(), DecodeError> {
     // Every reading takes at least one byte (its timestamp), so counts beyond the body's length
     // are lies; checking this first bounds every allocation below by the body's size.
     if count > raw.len() {
@@ -375,8 +378,8 @@ pub fn decode_body(
         strings.push(ShortStr::new(s).expect("length checked above"));
     }
 
-    let mut table = Vec::with_capacity(n_series);
-    let mut total = 0usize;
+    let mut start = 0usize;
+    let mut values_start = [0usize; 4];
     for _ in 0..n_series {
         let device = names.device(&mut reader)?;
         let metric = names.metric(&mut reader)?;
@@ -384,88 +387,92 @@ pub fn decode_body(
             what: "value kind",
             why: "unknown kind",
         })?;
-        let n = reader.bounded(count - total, "series length")?;
-        if n == 0 {
+        let len = reader.bounded(count - start, "series length")?;
+        if len == 0 {
             return Err(DecodeError::Invalid {
                 what: "series length",
                 why: "empty series",
             });
         }
-        total += n;
-        table.push((device, metric, kind, n));
+        batch.series.push(SeriesInfo {
+            device,
+            metric,
+            kind,
+            start,
+            values_start: values_start[kind as usize],
+            len,
+        });
+        start += len;
+        values_start[kind as usize] += len;
     }
-    if total != count {
+    if start != count {
         return Err(DecodeError::Invalid {
             what: "series lengths",
             why: "do not add up to the header's count",
         });
     }
 
-    let order = if n_series > 1 {
+    if n_series > 1 {
         let mut seen = vec![0usize; n_series];
-        let mut order = Vec::with_capacity(count);
+        batch.order.reserve(count);
         for _ in 0..count {
-            let s = reader.bounded(n_series - 1, "order")?;
-            seen[s] += 1;
-            order.push(s as u32);
+            let s = reader.varint("order")? as usize;
+            let Some(seen) = seen.get_mut(s) else {
+                return Err(DecodeError::Invalid {
+                    what: "order",
+                    why: "series index beyond the series table",
+                });
+            };
+            *seen += 1;
+            batch.order.push(s as u32);
         }
         if seen
             .iter()
-            .zip(&table)
-            .any(|(&seen, entry)| seen != entry.3)
+            .zip(&batch.series)
+            .any(|(&seen, series)| seen != series.len)
         {
             return Err(DecodeError::Invalid {
                 what: "order",
                 why: "series occurrences differ from the series lengths",
             });
         }
-        order
     } else {
-        vec![0; count]
-    };
+        batch.order.resize(count, 0);
+    }
 
-    let mut series = Vec::with_capacity(n_series);
+    batch.ts_ms.reserve(count);
+    batch.quality.reserve(count);
+    batch.f64s.reserve(values_start[ValueKind::F64 as usize]);
+    batch.i64s.reserve(values_start[ValueKind::I64 as usize]);
+    batch.bools.reserve(values_start[ValueKind::Bool as usize]);
+    batch.strs.reserve(values_start[ValueKind::Str as usize]);
     let mut prev_first_ts = 0i64;
-    for (device, metric, kind, n) in table {
-        let ts_ms = decode_timestamps(&mut reader, n, prev_first_ts)?;
-        prev_first_ts = ts_ms[0];
-        let values = match kind {
-            ValueKind::F64 => {
-                let mut values = Vec::with_capacity(n);
-                floats::decode(&mut reader, n, &mut values)?;
-                ValueColumn::F64(values)
-            }
+    for series in &batch.series {
+        let n = series.len;
+        decode_timestamps(&mut reader, n, prev_first_ts, &mut batch.ts_ms)?;
+        prev_first_ts = batch.ts_ms[series.start];
+        match series.kind {
+            ValueKind::F64 => floats::decode(&mut reader, n, &mut batch.f64s)?,
             ValueKind::I64 => {
-                let mut values = Vec::with_capacity(n);
                 let mut v = 0i64;
                 for _ in 0..n {
                     v = v.wrapping_add(reader.signed_varint("integer value")?);
-                    values.push(v);
+                    batch.i64s.push(v);
                 }
-                ValueColumn::I64(values)
             }
-            ValueKind::Bool => ValueColumn::Bool(decode_bools(&mut reader, n)?),
+            ValueKind::Bool => decode_bools(&mut reader, n, &mut batch.bools)?,
             ValueKind::Str => {
-                let mut values = Vec::with_capacity(n);
                 for _ in 0..n {
                     let i = reader.varint("string index")?;
                     let s = strings.get(i as usize).ok_or(DecodeError::Invalid {
                         what: "string index",
                         why: "beyond the dictionary",
                     })?;
-                    values.push(s.clone());
+                    batch.strs.push(s.clone());
                 }
-                ValueColumn::Str(values)
             }
-        };
-        let quality = decode_quality(&mut reader, n)?;
-        series.push(SeriesColumns {
-            device,
-            metric,
-            ts_ms,
-            values,
-            quality,
-        });
+        }
+        decode_quality(&mut reader, n, &mut batch.quality)?;
     }
     if reader.remaining() != 0 {
         return Err(DecodeError::Invalid {
@@ -473,15 +480,15 @@ pub fn decode_body(
             why: "trailing bytes after the last column",
         });
     }
-    Ok((series, order))
+    Ok(())
 }
 
 fn decode_timestamps(
     reader: &mut ByteReader<'_>,
     n: usize,
     base: i64,
-) -> Result<Vec<i64>, DecodeError> {
-    let mut ts_ms = Vec::with_capacity(n);
+    ts_ms: &mut Vec<i64>,
+) -> Result<(), DecodeError> {
     let mut ts = base.wrapping_add(reader.signed_varint("timestamp")?);
     ts_ms.push(ts);
     let mut delta = 0i64;
@@ -490,7 +497,7 @@ fn decode_timestamps(
         ts = ts.wrapping_add(delta);
         ts_ms.push(ts);
     }
-    Ok(ts_ms)
+    Ok(())
 }
 
 /// A run length that keeps a column of `n` values within `n`, `filled` being those so far.
@@ -510,7 +517,11 @@ fn run_length(
     Ok(run)
 }
 
-fn decode_bools(reader: &mut ByteReader<'_>, n: usize) -> Result<Vec<bool>, DecodeError> {
+fn decode_bools(
+    reader: &mut ByteReader<'_>,
+    n: usize,
+    values: &mut Vec<bool>,
+) -> Result<(), DecodeError> {
     let mut current = match reader.u8("bool column")? {
         0 => false,
         1 => true,
@@ -521,24 +532,30 @@ fn decode_bools(reader: &mut ByteReader<'_>, n: usize) -> Result<Vec<bool>, Deco
             })
         }
     };
-    let mut values = Vec::with_capacity(n);
-    while values.len() < n {
-        let run = run_length(reader, n, values.len(), "bool run")?;
+    let mut filled = 0;
+    while filled < n {
+        let run = run_length(reader, n, filled, "bool run")?;
         values.resize(values.len() + run, current);
+        filled += run;
         current = !current;
     }
-    Ok(values)
+    Ok(())
 }
 
-fn decode_quality(reader: &mut ByteReader<'_>, n: usize) -> Result<Vec<Quality>, DecodeError> {
-    let mut values = Vec::with_capacity(n);
-    while values.len() < n {
+fn decode_quality(
+    reader: &mut ByteReader<'_>,
+    n: usize,
+    values: &mut Vec<Quality>,
+) -> Result<(), DecodeError> {
+    let mut filled = 0;
+    while filled < n {
         let quality = Quality::from_u8(reader.u8("quality")?).ok_or(DecodeError::Invalid {
             what: "quality",
             why: "unknown quality",
         })?;
-        let run = run_length(reader, n, values.len(), "quality run")?;
+        let run = run_length(reader, n, filled, "quality run")?;
         values.resize(values.len() + run, quality);
+        filled += run;
     }
-    Ok(values)
+    Ok(())
 }

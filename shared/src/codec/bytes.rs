@@ -41,6 +41,7 @@ impl<'a> ByteReader<'a> {
         self.data.len() - self.pos
     }
 
+    #[inline]
     pub fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
         let byte = *self
             .data
@@ -75,7 +76,7 @@ impl<'a> ByteReader<'a> {
     }
 
     /// An unsigned LEB128 varint of at most 10 bytes whose value fits in 64 bits.
-    #[inline]
+    #[inline(always)]
     pub fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
         // Fast path: one byte, the common case for small deltas and indices.
         if let Some(&byte) = self.data.get(self.pos) {
@@ -84,6 +85,12 @@ impl<'a> ByteReader<'a> {
                 return Ok(byte as u64);
             }
         }
+        self.long_varint(what)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn long_varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8(what)?;
@@ -110,6 +117,7 @@ impl<'a> ByteReader<'a> {
     }
 
     /// A varint that must be at most `limit`, as a usize.
+    #[inline]
     pub fn bounded(&mut self, limit: usize, what: &'static str) -> Result<usize, DecodeError> {
         let value = self.varint(what)?;
         if value > limit as u64 {

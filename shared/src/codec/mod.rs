@@ -53,7 +53,8 @@ mod floats;
 
 use crate::api::BatchHeader;
 use crate::model::{
-    DeviceId, GatewayId, MetricName, NameError, Quality, Reading, ShortStr, StreamId,
+    DeviceId, GatewayId, MetricName, NameError, Quality, Reading, ShortStr, StreamId, Value,
+    ValueKind,
 };
 
 use bytes::ByteReader;
@@ -139,60 +140,73 @@ impl Default for EncodeOptions {
     }
 }
 
-/// The values of one series, one column per kind.
+/// One series of a decoded batch: a (device, metric, kind) and where its readings sit in the
+/// batch's flat columns.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ValueColumn {
-    F64(Vec<f64>),
-    I64(Vec<i64>),
-    Bool(Vec<bool>),
-    Str(Vec<ShortStr>),
-}
-
-impl ValueColumn {
-    pub fn len(&self) -> usize {
-        match self {
-            ValueColumn::F64(v) => v.len(),
-            ValueColumn::I64(v) => v.len(),
-            ValueColumn::Bool(v) => v.len(),
-            ValueColumn::Str(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn get(&self, i: usize) -> crate::model::Value {
-        use crate::model::Value;
-        match self {
-            ValueColumn::F64(v) => Value::F64(v[i]),
-            ValueColumn::I64(v) => Value::I64(v[i]),
-            ValueColumn::Bool(v) => Value::Bool(v[i]),
-            ValueColumn::Str(v) => Value::Str(v[i].clone()),
-        }
-    }
-}
-
-/// The readings of one (device, metric, kind) in a batch, in arrival order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SeriesColumns {
+pub struct SeriesInfo {
     pub device: DeviceId,
     pub metric: MetricName,
-    pub ts_ms: Vec<i64>,
-    pub values: ValueColumn,
-    pub quality: Vec<Quality>,
+    pub kind: ValueKind,
+    /// Index of the series' first reading in `ts_ms` and `quality`.
+    pub start: usize,
+    /// Index of the series' first value in the column of its kind.
+    pub values_start: usize,
+    pub len: usize,
 }
 
-/// A decoded batch in columnar form: what the cloud stores per series.
-#[derive(Clone, Debug, PartialEq)]
+/// The values of one series.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SeriesValues<'a> {
+    F64(&'a [f64]),
+    I64(&'a [i64]),
+    Bool(&'a [bool]),
+    Str(&'a [ShortStr]),
+}
+
+impl SeriesValues<'_> {
+    pub fn get(&self, i: usize) -> Value {
+        match self {
+            SeriesValues::F64(v) => Value::F64(v[i]),
+            SeriesValues::I64(v) => Value::I64(v[i]),
+            SeriesValues::Bool(v) => Value::Bool(v[i]),
+            SeriesValues::Str(v) => Value::Str(v[i].clone()),
+        }
+    }
+}
+
+/// A view of one series of a decoded batch, its readings in arrival order.
+#[derive(Clone, Copy, Debug)]
+pub struct SeriesView<'a> {
+    pub device: &'a DeviceId,
+    pub metric: &'a MetricName,
+    pub ts_ms: &'a [i64],
+    pub values: SeriesValues<'a>,
+    pub quality: &'a [Quality],
+}
+
+/// A decoded batch in columnar form, what the cloud stores per series. The columns are flat
+/// (every series' timestamps in one vector, grouped by series) so that decoding allocates a
+/// handful of buffers per batch, or none when a batch is reused with [`Decoder::decode_into`].
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ColumnarBatch {
-    pub header: BatchHeader,
-    pub series: Vec<SeriesColumns>,
+    pub header: Option<BatchHeader>,
+    pub series: Vec<SeriesInfo>,
     /// The series index of each reading, in arrival order.
     pub order: Vec<u32>,
+    pub ts_ms: Vec<i64>,
+    pub quality: Vec<Quality>,
+    pub f64s: Vec<f64>,
+    pub i64s: Vec<i64>,
+    pub bools: Vec<bool>,
+    pub strs: Vec<ShortStr>,
 }
 
 impl ColumnarBatch {
+    /// The header of a decoded batch.
+    pub fn header(&self) -> &BatchHeader {
+        self.header.as_ref().expect("a decoded batch has a header")
+    }
+
     pub fn len(&self) -> usize {
         self.order.len()
     }
@@ -201,14 +215,49 @@ impl ColumnarBatch {
         self.order.is_empty()
     }
 
+    fn clear(&mut self) {
+        self.header = None;
+        self.series.clear();
+        self.order.clear();
+        self.ts_ms.clear();
+        self.quality.clear();
+        self.f64s.clear();
+        self.i64s.clear();
+        self.bools.clear();
+        self.strs.clear();
+    }
+
+    pub fn view<'a>(&'a self, series: &'a SeriesInfo) -> SeriesView<'a> {
+        let rows = series.start..series.start + series.len;
+        let values = series.values_start..series.values_start + series.len;
+        SeriesView {
+            device: &series.device,
+            metric: &series.metric,
+            ts_ms: &self.ts_ms[rows.clone()],
+            values: match series.kind {
+                ValueKind::F64 => SeriesValues::F64(&self.f64s[values]),
+                ValueKind::I64 => SeriesValues::I64(&self.i64s[values]),
+                ValueKind::Bool => SeriesValues::Bool(&self.bools[values]),
+                ValueKind::Str => SeriesValues::Str(&self.strs[values]),
+            },
+            quality: &self.quality[rows],
+        }
+    }
+
+    /// Every series, in the batch's series order.
+    pub fn series_views(&self) -> impl Iterator<Item = SeriesView<'_>> {
+        self.series.iter().map(|series| self.view(series))
+    }
+
     /// The readings in arrival order: reading `i` has sequence number `first_seq + i` in a raw
     /// stream.
     pub fn readings(&self) -> Vec<Reading> {
-        let mut cursors = vec![0usize; self.series.len()];
+        let views: Vec<SeriesView<'_>> = self.series_views().collect();
+        let mut cursors = vec![0usize; views.len()];
         self.order
             .iter()
             .map(|&s| {
-                let series = &self.series[s as usize];
+                let series = &views[s as usize];
                 let i = cursors[s as usize];
                 cursors[s as usize] += 1;
                 Reading {
@@ -340,6 +389,18 @@ impl Decoder {
     }
 
     pub fn decode(&mut self, bytes: &[u8]) -> Result<ColumnarBatch, DecodeError> {
+        let mut batch = ColumnarBatch::default();
+        self.decode_into(bytes, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// Decodes into `batch`, reusing its buffers. On error `batch` holds no batch.
+    pub fn decode_into(
+        &mut self,
+        bytes: &[u8],
+        batch: &mut ColumnarBatch,
+    ) -> Result<(), DecodeError> {
+        batch.clear();
         let (header, layout) = parse_header(bytes)?;
         let body = &bytes[layout.body_at..];
         let raw: &[u8] = if layout.compressed {
@@ -359,12 +420,13 @@ impl Decoder {
         } else {
             body
         };
-        let (series, order) = body::decode_body(raw, header.count as usize, &mut self.names)?;
-        Ok(ColumnarBatch {
-            header,
-            series,
-            order,
-        })
+        let decoded = body::decode_body(raw, header.count as usize, &mut self.names, batch);
+        if let Err(err) = decoded {
+            batch.clear();
+            return Err(err);
+        }
+        batch.header = Some(header);
+        Ok(())
     }
 }
 
