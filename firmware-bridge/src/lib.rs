@@ -1,0 +1,12 @@
+//! `fieldgate-firmware-bridge`: everything that speaks to terminal devices' firmware.
+//!
+//! # Layout
+//! - [`protocol`]: the Fieldgate serial protocol (see `PROTOCOL.md`): COBS framing, CRC-32C,
+//!   message types, an incremental frame decoder. Sans-IO and `no_std` without `alloc`, so device
+//!   firmware can use it.
+//!
+//! The modules below need the `std` feature (on by default): the serial transport, device
+//! sessions, Modbus RTU polling and the simulators.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod protocol;
