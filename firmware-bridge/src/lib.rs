@@ -10,3 +10,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod protocol;
+#[cfg(feature = "std")]
+pub mod session;
+#[cfg(feature = "std")]
+pub mod transport;
