@@ -24,11 +24,13 @@ bench:
 estimate n="1000000":
     cargo run --release -- codec estimate --synthetic {{n}}
 
-# Fuzz the batch decoder for `secs` seconds (needs `cargo install cargo-fuzz`; runs on stable
-# through RUSTC_BOOTSTRAP, as cargo-fuzz wants nightly flags).
+# Fuzz the batch decoder and the serial frame decoder for `secs` seconds each (needs
+# `cargo install cargo-fuzz`; runs on stable through RUSTC_BOOTSTRAP, as cargo-fuzz wants
+# nightly flags).
 fuzz secs="60":
     cargo run -q -p fieldgate-shared --example fuzz_seeds -- fuzz/corpus/decode_batch
     cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_batch -- -max_total_time={{secs}}
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_frames -- -max_total_time={{secs}}
 
 # Cross-compile the CLI for 64-bit ARM with Debian's rustc and target std (see README).
 cross-arm64:
