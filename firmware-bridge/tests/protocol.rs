@@ -30,7 +30,11 @@ fn any_reading() -> impl Strategy<Value = DeviceReading<'static>> {
 
 /// The readings of a READINGS message with floats as bit patterns, so NaNs compare equal.
 fn readings_bits(message: &Message<'_>) -> (i64, Vec<String>) {
-    let Message::Readings { base_ts_ms, readings } = message else {
+    let Message::Readings {
+        base_ts_ms,
+        readings,
+    } = message
+    else {
         panic!("not READINGS: {message:?}");
     };
     let readings = readings

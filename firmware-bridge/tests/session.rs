@@ -28,7 +28,11 @@ enum FromGateway {
     Ack(u16),
     Nack(u16, NackReason),
     Time,
-    Command { seq: u16, name: String, args: Vec<u8> },
+    Command {
+        seq: u16,
+        name: String,
+        args: Vec<u8>,
+    },
     Other(String),
 }
 
@@ -147,7 +151,10 @@ fn start(config: SessionConfig) -> (Gateway, ScriptedDevice) {
 async fn readings_are_acked_only_after_the_durable_commit() {
     let (mut gateway, mut device) = start(SessionConfig::default());
     device.readings(1, 2153).await;
-    assert_eq!(device.receive().await, FromGateway::Nack(1, NackReason::HelloFirst));
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(1, NackReason::HelloFirst)
+    );
 
     device.hello().await;
     device.readings(2, 2153).await;
@@ -182,12 +189,18 @@ async fn a_busy_or_vanished_consumer_gets_the_frame_nacked_busy() {
     device.readings(5, 1).await;
     let batch = gateway.batches.recv().await.unwrap();
     batch.commit.send(CommitOutcome::Busy).unwrap();
-    assert_eq!(device.receive().await, FromGateway::Nack(5, NackReason::Busy));
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(5, NackReason::Busy)
+    );
 
     // The device retries; this time the consumer drops the batch without answering.
     device.readings(5, 1).await;
     drop(gateway.batches.recv().await.unwrap());
-    assert_eq!(device.receive().await, FromGateway::Nack(5, NackReason::Busy));
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(5, NackReason::Busy)
+    );
 
     // And then it is stored.
     device.readings(5, 1).await;
@@ -214,9 +227,16 @@ async fn invalid_frames_are_nacked_and_garbage_is_counted() {
             },
         )
         .await;
-    assert_eq!(device.receive().await, FromGateway::Nack(8, NackReason::Invalid));
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(8, NackReason::Invalid)
+    );
 
-    device.link.write_all(&[0x42, 0x17, 0x00, 0x99, 0x00]).await.unwrap();
+    device
+        .link
+        .write_all(&[0x42, 0x17, 0x00, 0x99, 0x00])
+        .await
+        .unwrap();
     device
         .send(
             101,
@@ -228,7 +248,10 @@ async fn invalid_frames_are_nacked_and_garbage_is_counted() {
             },
         )
         .await;
-    assert_eq!(device.receive().await, FromGateway::Nack(101, NackReason::Invalid));
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(101, NackReason::Invalid)
+    );
     assert_eq!(gateway.stats.frame_errors.load(Ordering::Relaxed), 2);
     assert_eq!(gateway.stats.invalid.load(Ordering::Relaxed), 2);
 }
