@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::protocol::{
     encode_frame, DeviceReading, DeviceValue, FirmwareState, FrameDecoder, List, Message,
-    NackReason, MAX_CHUNK_LEN, MAX_WIRE_LEN,
+    NackReason, ProtocolError, MAX_CHUNK_LEN, MAX_WIRE_LEN,
 };
 
 #[derive(Clone, Debug)]
@@ -34,7 +34,7 @@ pub struct SessionConfig {
     pub firmware_retries: u32,
     /// Firmware chunk size, at most [`MAX_CHUNK_LEN`].
     pub firmware_chunk_len: u16,
-    /// Sequence numbers of ACKed READINGS remembered to recognise resends whose ACK was lost.
+    /// READINGS frames remembered to recognise resends whose ACK was lost.
     pub dedupe_window: usize,
 }
 
@@ -168,6 +168,53 @@ pub fn device_value(value: &DeviceValue<'_>) -> Result<Value, &'static str> {
     })
 }
 
+/// READINGS frames this link has stored recently, by sequence number and a hash of their
+/// payload. A resend (same seq, same bytes: its ACK was lost) is recognised even after the link
+/// dropped or the device said HELLO again, while a device that restarted its counter and sends
+/// new data under an old seq is not mistaken for one. Share one per link across its sessions.
+#[derive(Debug, Default)]
+pub struct DeliveryMemory {
+    inner: std::sync::Mutex<DeliveryMemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct DeliveryMemoryInner {
+    order: VecDeque<FrameKey>,
+    keys: HashSet<FrameKey>,
+}
+
+type FrameKey = (u16, u64);
+
+impl DeliveryMemory {
+    fn contains(&self, key: &FrameKey) -> bool {
+        self.inner.lock().expect("not poisoned").keys.contains(key)
+    }
+
+    fn remember(&self, key: FrameKey, window: usize) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        if inner.keys.insert(key) {
+            inner.order.push_back(key);
+        }
+        while inner.order.len() > window {
+            if let Some(old) = inner.order.pop_front() {
+                inner.keys.remove(&old);
+            }
+        }
+    }
+}
+
+fn frame_key(seq: u16, base_ts_ms: i64, readings: &List<'_, DeviceReading<'_>>) -> FrameKey {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    base_ts_ms.hash(&mut hasher);
+    match readings {
+        // Received frames: their payload bytes, as they came.
+        List::Encoded { count, bytes } => (count, bytes).hash(&mut hasher),
+        List::Items(items) => format!("{items:?}").hash(&mut hasher),
+    }
+    (seq, hasher.finish())
+}
+
 struct PendingCommand {
     seq: u16,
     deadline: Instant,
@@ -199,9 +246,8 @@ pub struct Session<P> {
     stats: Arc<SessionStats>,
     device: Option<DeviceInfo>,
     next_seq: u16,
-    recently_acked: VecDeque<u16>,
-    recently_acked_set: HashSet<u16>,
-    in_commit: HashSet<u16>,
+    delivered: Arc<DeliveryMemory>,
+    in_commit: HashSet<FrameKey>,
     commands: Vec<PendingCommand>,
     firmware: Option<FirmwareTransfer>,
     out: Vec<u8>,
@@ -215,13 +261,19 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
             stats,
             device: None,
             next_seq: 0,
-            recently_acked: VecDeque::new(),
-            recently_acked_set: HashSet::new(),
+            delivered: Arc::default(),
             in_commit: HashSet::new(),
             commands: Vec::new(),
             firmware: None,
             out: Vec::with_capacity(4 * MAX_WIRE_LEN),
         }
+    }
+
+    /// Shares what was delivered with earlier sessions of the same link, so resends are
+    /// recognised across link losses.
+    pub fn remembering(mut self, delivered: Arc<DeliveryMemory>) -> Self {
+        self.delivered = delivered;
+        self
     }
 
     /// The device on the other end, once it has said HELLO.
@@ -241,7 +293,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
         tokio::pin!(shutdown);
         let mut decoder = Box::new(FrameDecoder::new());
         let mut read_buf = vec![0u8; 4096];
-        let mut commits: JoinSet<(u16, CommitOutcome)> = JoinSet::new();
+        let mut commits: JoinSet<(u16, FrameKey, CommitOutcome)> = JoinSet::new();
         let mut requests_open = true;
         let result = loop {
             let next_deadline = self.next_deadline();
@@ -258,16 +310,26 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
                     while !rest.is_empty() {
                         let (used, frame) = decoder.feed(rest);
                         rest = &rest[used..];
-                        if let Some(Ok(frame)) = frame {
-                            SessionStats::bump(&self.stats.frames_in, 1);
-                            self.on_frame(frame.seq, &frame.message, batches, &mut commits);
+                        match frame {
+                            Some(Ok(frame)) => {
+                                SessionStats::bump(&self.stats.frames_in, 1);
+                                self.on_frame(frame.seq, &frame.message, batches, &mut commits);
+                            }
+                            // The CRC held, so the sender and its seq are real: tell it.
+                            Some(Err(ProtocolError::UnknownType { seq, .. })) => {
+                                self.send(&Message::Nack { seq, reason: NackReason::Unsupported });
+                            }
+                            Some(Err(ProtocolError::Malformed { seq, .. })) => {
+                                self.send(&Message::Nack { seq, reason: NackReason::Invalid });
+                            }
+                            _ => {}
                         }
                     }
                     SessionStats::bump(&self.stats.frame_errors, decoder.stats().errors() - errors_before);
                 }
                 Some(done) = commits.join_next(), if !commits.is_empty() => {
-                    if let Ok((seq, outcome)) = done {
-                        self.on_commit(seq, outcome);
+                    if let Ok((seq, key, outcome)) = done {
+                        self.on_commit(seq, key, outcome);
                     }
                 }
                 request = requests.recv(), if requests_open => match request {
@@ -312,7 +374,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
         seq: u16,
         message: &Message<'_>,
         batches: &mpsc::Sender<DeviceBatch>,
-        commits: &mut JoinSet<(u16, CommitOutcome)>,
+        commits: &mut JoinSet<(u16, FrameKey, CommitOutcome)>,
     ) {
         match *message {
             Message::Hello {
@@ -324,10 +386,6 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
                 Ok(info) => {
                     tracing::info!(device = %info.device, model = %info.model, firmware = %info.firmware, "device said HELLO");
                     SessionStats::bump(&self.stats.hellos, 1);
-                    // A device that said HELLO again may have rebooted and restarted its
-                    // sequence numbers: old ones no longer identify resends.
-                    self.recently_acked.clear();
-                    self.recently_acked_set.clear();
                     self.device = Some(info);
                     self.send(&Message::Ack { seq });
                     self.send(&Message::Time {
@@ -372,7 +430,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
         base_ts_ms: i64,
         readings: &List<'_, DeviceReading<'_>>,
         batches: &mpsc::Sender<DeviceBatch>,
-        commits: &mut JoinSet<(u16, CommitOutcome)>,
+        commits: &mut JoinSet<(u16, FrameKey, CommitOutcome)>,
     ) {
         let Some(device) = &self.device else {
             self.send(&Message::Nack {
@@ -381,13 +439,14 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
             });
             return;
         };
-        if self.recently_acked_set.contains(&seq) {
+        let key = frame_key(seq, base_ts_ms, readings);
+        if self.delivered.contains(&key) {
             // A resend whose ACK was lost: stored already, ACK again.
             SessionStats::bump(&self.stats.duplicates, 1);
             self.send(&Message::Ack { seq });
             return;
         }
-        if self.in_commit.contains(&seq) {
+        if self.in_commit.contains(&key) {
             SessionStats::bump(&self.stats.duplicates, 1);
             return;
         }
@@ -429,26 +488,21 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
         match batches.try_send(batch) {
             Ok(()) => {
                 SessionStats::bump(&self.stats.readings_delivered, n_readings);
-                self.in_commit.insert(seq);
-                commits.spawn(async move { (seq, outcome.await.unwrap_or(CommitOutcome::Busy)) });
+                self.in_commit.insert(key);
+                commits
+                    .spawn(async move { (seq, key, outcome.await.unwrap_or(CommitOutcome::Busy)) });
             }
             // The consumer is saturated or gone: the device keeps the readings and retries.
-            Err(_) => self.on_commit(seq, CommitOutcome::Busy),
+            Err(_) => self.on_commit(seq, key, CommitOutcome::Busy),
         }
     }
 
-    fn on_commit(&mut self, seq: u16, outcome: CommitOutcome) {
-        self.in_commit.remove(&seq);
+    fn on_commit(&mut self, seq: u16, key: FrameKey, outcome: CommitOutcome) {
+        self.in_commit.remove(&key);
         match outcome {
             CommitOutcome::Durable => {
                 SessionStats::bump(&self.stats.batches_acked, 1);
-                self.recently_acked.push_back(seq);
-                self.recently_acked_set.insert(seq);
-                while self.recently_acked.len() > self.config.dedupe_window {
-                    if let Some(old) = self.recently_acked.pop_front() {
-                        self.recently_acked_set.remove(&old);
-                    }
-                }
+                self.delivered.remember(key, self.config.dedupe_window);
                 self.send(&Message::Ack { seq });
             }
             CommitOutcome::Busy => {
@@ -537,10 +591,13 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
         let Some(transfer) = self.firmware.as_mut() else {
             return;
         };
-        transfer.tries = 0;
         let total = transfer.image.len() as u32;
         match state {
-            FirmwareState::Receiving | FirmwareState::Idle => {
+            // The device lost the transfer (it rebooted, say): start over, which resumes from
+            // whatever it still holds. Counted as a try, so a device stuck in Idle ends it.
+            FirmwareState::Idle => self.send_firmware_step(FirmwareStep::Begin),
+            FirmwareState::Receiving => {
+                transfer.tries = 0;
                 let offset = offset.min(total);
                 transfer.progress.send_replace(FirmwareProgress {
                     sent_bytes: offset,
@@ -554,7 +611,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
                 };
                 self.send_firmware_step(step);
             }
-            FirmwareState::Verified => {
+            FirmwareState::Verified if offset == total => {
                 let transfer = self.firmware.take().expect("checked above");
                 transfer.progress.send_replace(FirmwareProgress {
                     sent_bytes: total,
@@ -563,7 +620,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin> Session<P> {
                 });
                 let _ = transfer.reply.send(Ok(()));
             }
-            FirmwareState::DigestMismatch | FirmwareState::Failed => {
+            FirmwareState::Verified | FirmwareState::DigestMismatch | FirmwareState::Failed => {
                 let transfer = self.firmware.take().expect("checked above");
                 let _ = transfer
                     .reply

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
 use crate::session::{
-    DeviceBatch, Session, SessionConfig, SessionError, SessionRequest, SessionStats,
+    DeliveryMemory, DeviceBatch, Session, SessionConfig, SessionError, SessionRequest, SessionStats,
 };
 
 /// One serial port, as written in the edge's configuration.
@@ -225,12 +225,14 @@ pub async fn run_serial_link(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut delay = backoff.initial;
+    let delivered = Arc::new(DeliveryMemory::default());
     while !*shutdown.borrow() {
         match open_port(&port) {
             Ok(stream) => {
                 stats.opens.fetch_add(1, Relaxed);
                 tracing::info!(port = %port.path, "serial port open");
                 let result = Session::new(stream, session.clone(), stats.session.clone())
+                    .remembering(delivered.clone())
                     .run(&batches, &mut requests, wait_for_true(shutdown.clone()))
                     .await;
                 match result {

@@ -5,115 +5,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fieldgate_firmware_bridge::protocol::{
-    encode_frame, DeviceReading, DeviceValue, FrameDecoder, List, Message, NackReason, MAX_WIRE_LEN,
-};
+mod scripted;
+
+use fieldgate_firmware_bridge::protocol::{DeviceReading, DeviceValue, List, Message, NackReason};
 use fieldgate_firmware_bridge::session::{
     CommitOutcome, DeviceBatch, Session, SessionConfig, SessionError, SessionHandle, SessionStats,
 };
 use fieldgate_shared::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use scripted::{FromGateway, ScriptedDevice};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
-
-/// The device end of the link, driven by the test.
-struct ScriptedDevice {
-    link: DuplexStream,
-    decoder: FrameDecoder,
-    pending: Vec<u8>,
-}
-
-/// What the gateway sent, owned.
-#[derive(Debug, PartialEq)]
-enum FromGateway {
-    Ack(u16),
-    Nack(u16, NackReason),
-    Time,
-    Command {
-        seq: u16,
-        name: String,
-        args: Vec<u8>,
-    },
-    Other(String),
-}
-
-impl ScriptedDevice {
-    async fn send(&mut self, seq: u16, message: &Message<'_>) {
-        let mut wire = [0u8; MAX_WIRE_LEN];
-        let n = encode_frame(seq, message, &mut wire).unwrap();
-        self.link.write_all(&wire[..n]).await.unwrap();
-    }
-
-    async fn receive(&mut self) -> FromGateway {
-        loop {
-            while !self.pending.is_empty() {
-                let (used, frame) = self.decoder.feed(&self.pending);
-                let frame = frame.map(|f| {
-                    let frame = f.expect("the gateway sends valid frames");
-                    match frame.message {
-                        Message::Ack { seq } => FromGateway::Ack(seq),
-                        Message::Nack { seq, reason } => FromGateway::Nack(seq, reason),
-                        Message::Time { .. } => FromGateway::Time,
-                        Message::Command { name, args } => FromGateway::Command {
-                            seq: frame.seq,
-                            name: name.to_owned(),
-                            args: args.to_vec(),
-                        },
-                        other => FromGateway::Other(format!("{other:?}")),
-                    }
-                });
-                self.pending.drain(..used);
-                if let Some(frame) = frame {
-                    return frame;
-                }
-            }
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(10), self.link.read(&mut buf))
-                .await
-                .expect("the gateway answers")
-                .unwrap();
-            assert!(n > 0, "the gateway closed the link");
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    async fn hello(&mut self) {
-        self.send(
-            100,
-            &Message::Hello {
-                device_id: "meter-1",
-                model: "EM-100",
-                firmware: "1.0.0",
-                metrics: List::Items(&["temperature", "count"]),
-            },
-        )
-        .await;
-        assert_eq!(self.receive().await, FromGateway::Ack(100));
-        assert_eq!(self.receive().await, FromGateway::Time);
-    }
-
-    async fn readings(&mut self, seq: u16, mantissa: i64) {
-        let readings = [
-            DeviceReading {
-                channel: 0,
-                offset_ms: 0,
-                value: DeviceValue::Decimal { mantissa, scale: 2 },
-            },
-            DeviceReading {
-                channel: 1,
-                offset_ms: 10,
-                value: DeviceValue::Int(7),
-            },
-        ];
-        self.send(
-            seq,
-            &Message::Readings {
-                base_ts_ms: 1_767_225_600_000,
-                readings: List::Items(&readings),
-            },
-        )
-        .await;
-    }
-}
 
 struct Gateway {
     batches: mpsc::Receiver<DeviceBatch>,
@@ -122,7 +23,7 @@ struct Gateway {
     task: tokio::task::JoinHandle<Result<(), SessionError>>,
 }
 
-fn start(config: SessionConfig) -> (Gateway, ScriptedDevice) {
+fn start(config: SessionConfig) -> (Gateway, ScriptedDevice<DuplexStream>) {
     let (gateway_end, device_end) = tokio::io::duplex(64 * 1024);
     let (batch_tx, batches) = mpsc::channel(16);
     let (request_tx, mut requests) = mpsc::channel(4);
@@ -139,11 +40,7 @@ fn start(config: SessionConfig) -> (Gateway, ScriptedDevice) {
         stats,
         task,
     };
-    let device = ScriptedDevice {
-        link: device_end,
-        decoder: FrameDecoder::new(),
-        pending: Vec::new(),
-    };
+    let device = ScriptedDevice::new(device_end);
     (gateway, device)
 }
 
@@ -303,4 +200,54 @@ async fn a_closed_link_ends_the_session_and_fails_open_requests() {
     let ended = gateway.task.await.unwrap();
     assert!(matches!(ended, Err(SessionError::Closed)), "{ended:?}");
     assert!(answer.await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn frames_with_a_good_crc_but_unknown_type_or_bad_payload_are_nacked() {
+    use fieldgate_firmware_bridge::protocol::{cobs, crc};
+    let (_gateway, mut device) = start(SessionConfig::default());
+    device.hello().await;
+    for (seq, type_code, payload) in [(40u16, 0x7fu8, &[][..]), (41, 0x05, &[1, 2][..])] {
+        let mut frame = vec![1, type_code];
+        frame.extend_from_slice(&seq.to_le_bytes());
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(&crc::crc32c(&frame).to_le_bytes());
+        let mut wire = vec![0u8; cobs::max_encoded_len(frame.len()) + 1];
+        let n = cobs::encode(&frame, &mut wire).unwrap();
+        wire.truncate(n);
+        wire.push(0);
+        device.link.write_all(&wire).await.unwrap();
+    }
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(40, NackReason::Unsupported)
+    );
+    assert_eq!(
+        device.receive().await,
+        FromGateway::Nack(41, NackReason::Invalid)
+    );
+}
+
+#[tokio::test]
+async fn a_device_that_restarted_its_counter_is_not_mistaken_for_a_resend() {
+    let (mut gateway, mut device) = start(SessionConfig::default());
+    device.hello().await;
+    device.readings(0, 2153).await;
+    let batch = gateway.batches.recv().await.unwrap();
+    batch.commit.send(CommitOutcome::Durable).unwrap();
+    assert_eq!(device.receive().await, FromGateway::Ack(0));
+
+    // Rebooted: HELLO again, and seq 0 again, but new readings.
+    device.hello().await;
+    device.readings(0, 2154).await;
+    let batch = gateway.batches.recv().await.unwrap();
+    assert_eq!(batch.readings[0].value, Value::F64(21.54));
+    batch.commit.send(CommitOutcome::Durable).unwrap();
+    assert_eq!(device.receive().await, FromGateway::Ack(0));
+
+    // While an exact resend of an ACKed frame, even after a HELLO, is not stored again.
+    device.hello().await;
+    device.readings(0, 2154).await;
+    assert_eq!(device.receive().await, FromGateway::Ack(0));
+    assert!(gateway.batches.try_recv().is_err());
 }

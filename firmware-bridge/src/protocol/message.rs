@@ -4,6 +4,24 @@
 
 use super::ProtocolError;
 
+/// What is wrong with a payload, before the frame's sequence number is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PayloadError {
+    FrameTooLarge,
+    UnknownType(u8),
+    Malformed(&'static str),
+}
+
+impl PayloadError {
+    pub(super) fn with_seq(self, seq: u16) -> ProtocolError {
+        match self {
+            PayloadError::FrameTooLarge => ProtocolError::FrameTooLarge,
+            PayloadError::UnknownType(type_code) => ProtocolError::UnknownType { seq, type_code },
+            PayloadError::Malformed(why) => ProtocolError::Malformed { seq, why },
+        }
+    }
+}
+
 pub const TYPE_HELLO: u8 = 0x01;
 pub const TYPE_READINGS: u8 = 0x02;
 pub const TYPE_ACK: u8 = 0x03;
@@ -224,7 +242,7 @@ impl Message<'_> {
     }
 
     /// Writes the payload (everything after the 4-byte frame header) into `out`.
-    pub(super) fn write_payload(&self, out: &mut Writer<'_>) -> Result<(), ProtocolError> {
+    pub(super) fn write_payload(&self, out: &mut Writer<'_>) -> Result<(), PayloadError> {
         match *self {
             Message::Hello {
                 device_id,
@@ -292,7 +310,7 @@ impl Message<'_> {
     }
 
     /// Parses a payload of message type `type_code`.
-    pub(super) fn parse(type_code: u8, payload: &[u8]) -> Result<Message<'_>, ProtocolError> {
+    pub(super) fn parse(type_code: u8, payload: &[u8]) -> Result<Message<'_>, PayloadError> {
         let mut cursor = Cursor::new(payload);
         let message = match type_code {
             TYPE_HELLO => {
@@ -335,7 +353,7 @@ impl Message<'_> {
             TYPE_NACK => Message::Nack {
                 seq: u16::from_le_bytes(cursor.array()?),
                 reason: NackReason::from_u8(cursor.u8()?)
-                    .ok_or(ProtocolError::Malformed("unknown NACK reason"))?,
+                    .ok_or(PayloadError::Malformed("unknown NACK reason"))?,
             },
             TYPE_TIME => Message::Time {
                 unix_ms: i64::from_le_bytes(cursor.array()?),
@@ -363,13 +381,13 @@ impl Message<'_> {
             TYPE_FW_END => Message::FirmwareEnd,
             TYPE_FW_STATUS => Message::FirmwareStatus {
                 state: FirmwareState::from_u8(cursor.u8()?)
-                    .ok_or(ProtocolError::Malformed("unknown firmware state"))?,
+                    .ok_or(PayloadError::Malformed("unknown firmware state"))?,
                 offset: u32::from_le_bytes(cursor.array()?),
             },
-            other => return Err(ProtocolError::UnknownType(other)),
+            other => return Err(PayloadError::UnknownType(other)),
         };
         if cursor.pos != payload.len() {
-            return Err(ProtocolError::Malformed("trailing bytes after the payload"));
+            return Err(PayloadError::Malformed("trailing bytes after the payload"));
         }
         Ok(message)
     }
@@ -395,57 +413,57 @@ impl<'a> Cursor<'a> {
         Self { bytes, pos: 0 }
     }
 
-    fn take(&mut self, len: usize) -> Result<&'a [u8], ProtocolError> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], PayloadError> {
         let end = self
             .pos
             .checked_add(len)
             .filter(|&end| end <= self.bytes.len())
-            .ok_or(ProtocolError::Malformed("payload too short"))?;
+            .ok_or(PayloadError::Malformed("payload too short"))?;
         let bytes = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(bytes)
     }
 
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
+    fn u8(&mut self) -> Result<u8, PayloadError> {
         Ok(self.take(1)?[0])
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], PayloadError> {
         let mut array = [0u8; N];
         array.copy_from_slice(self.take(N)?);
         Ok(array)
     }
 
-    fn str8(&mut self) -> Result<&'a str, ProtocolError> {
+    fn str8(&mut self) -> Result<&'a str, PayloadError> {
         let len = self.u8()? as usize;
         core::str::from_utf8(self.take(len)?)
-            .map_err(|_| ProtocolError::Malformed("text is not UTF-8"))
+            .map_err(|_| PayloadError::Malformed("text is not UTF-8"))
     }
 
-    fn bytes16(&mut self) -> Result<&'a [u8], ProtocolError> {
+    fn bytes16(&mut self) -> Result<&'a [u8], PayloadError> {
         let len = u16::from_le_bytes(self.array()?) as usize;
         self.take(len)
     }
 
-    fn varint(&mut self) -> Result<u64, ProtocolError> {
+    fn varint(&mut self) -> Result<u64, PayloadError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
             if shift == 63 && byte > 1 {
-                return Err(ProtocolError::Malformed("varint overflows 64 bits"));
+                return Err(PayloadError::Malformed("varint overflows 64 bits"));
             }
             value |= ((byte & 0x7f) as u64) << shift;
             if byte < 0x80 {
                 return Ok(value);
             }
         }
-        Err(ProtocolError::Malformed("varint longer than 10 bytes"))
+        Err(PayloadError::Malformed("varint longer than 10 bytes"))
     }
 
-    fn reading(&mut self) -> Result<DeviceReading<'a>, ProtocolError> {
+    fn reading(&mut self) -> Result<DeviceReading<'a>, PayloadError> {
         let channel = self.u8()?;
         let offset_ms = u32::try_from(self.varint()?)
-            .map_err(|_| ProtocolError::Malformed("reading offset beyond 32 bits"))?;
+            .map_err(|_| PayloadError::Malformed("reading offset beyond 32 bits"))?;
         let tag = self.u8()?;
         let value = match (tag & 0x0f, tag >> 4) {
             (TAG_F32, 0) => DeviceValue::F32(f32::from_le_bytes(self.array()?)),
@@ -458,7 +476,7 @@ impl<'a> Cursor<'a> {
                 scale,
             },
             (TAG_STR, 0) => DeviceValue::Str(self.str8()?),
-            _ => return Err(ProtocolError::Malformed("unknown value tag")),
+            _ => return Err(PayloadError::Malformed("unknown value tag")),
         };
         Ok(DeviceReading {
             channel,
@@ -475,36 +493,36 @@ pub(super) struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    pub(super) fn bytes(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+    pub(super) fn bytes(&mut self, bytes: &[u8]) -> Result<(), PayloadError> {
         let end = self.len + bytes.len();
         if end > self.buf.len() {
-            return Err(ProtocolError::FrameTooLarge);
+            return Err(PayloadError::FrameTooLarge);
         }
         self.buf[self.len..end].copy_from_slice(bytes);
         self.len = end;
         Ok(())
     }
 
-    fn count(&mut self, count: usize) -> Result<(), ProtocolError> {
+    fn count(&mut self, count: usize) -> Result<(), PayloadError> {
         let count =
-            u8::try_from(count).map_err(|_| ProtocolError::Malformed("more than 255 items"))?;
+            u8::try_from(count).map_err(|_| PayloadError::Malformed("more than 255 items"))?;
         self.bytes(&[count])
     }
 
-    fn str8(&mut self, text: &str) -> Result<(), ProtocolError> {
+    fn str8(&mut self, text: &str) -> Result<(), PayloadError> {
         let len = u8::try_from(text.len())
-            .map_err(|_| ProtocolError::Malformed("text longer than 255 bytes"))?;
+            .map_err(|_| PayloadError::Malformed("text longer than 255 bytes"))?;
         self.bytes(&[len])?;
         self.bytes(text.as_bytes())
     }
 
-    fn bytes16(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
-        let len = u16::try_from(bytes.len()).map_err(|_| ProtocolError::FrameTooLarge)?;
+    fn bytes16(&mut self, bytes: &[u8]) -> Result<(), PayloadError> {
+        let len = u16::try_from(bytes.len()).map_err(|_| PayloadError::FrameTooLarge)?;
         self.bytes(&len.to_le_bytes())?;
         self.bytes(bytes)
     }
 
-    fn varint(&mut self, mut value: u64) -> Result<(), ProtocolError> {
+    fn varint(&mut self, mut value: u64) -> Result<(), PayloadError> {
         let mut encoded = [0u8; 10];
         let mut n = 0;
         while value >= 0x80 {
@@ -516,7 +534,7 @@ impl Writer<'_> {
         self.bytes(&encoded[..=n])
     }
 
-    fn reading(&mut self, reading: &DeviceReading<'_>) -> Result<(), ProtocolError> {
+    fn reading(&mut self, reading: &DeviceReading<'_>) -> Result<(), PayloadError> {
         self.bytes(&[reading.channel])?;
         self.varint(reading.offset_ms as u64)?;
         match reading.value {
@@ -535,7 +553,7 @@ impl Writer<'_> {
             DeviceValue::Bool(v) => self.bytes(&[if v { TAG_TRUE } else { TAG_FALSE }]),
             DeviceValue::Decimal { mantissa, scale } => {
                 if scale > MAX_DECIMAL_SCALE {
-                    return Err(ProtocolError::Malformed("decimal scale above 15"));
+                    return Err(PayloadError::Malformed("decimal scale above 15"));
                 }
                 self.bytes(&[TAG_DECIMAL | (scale << 4)])?;
                 self.varint(zigzag(mantissa))

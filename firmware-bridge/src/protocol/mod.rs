@@ -27,7 +27,8 @@ pub const MAX_CHUNK_LEN: usize = MAX_FRAME_LEN - HEADER_LEN - 4 - CRC_LEN;
 /// What can be wrong with a frame. Every one is counted by [`FrameDecoder`], never a panic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProtocolError {
-    /// More than [`MAX_WIRE_LEN`] bytes without a delimiter: the bytes were dropped.
+    /// A frame longer than [`MAX_FRAME_LEN`] (more than [`MAX_WIRE_LEN`] - 1 bytes without a
+    /// delimiter on the wire): the bytes were dropped.
     FrameTooLarge,
     /// Not valid COBS.
     BadCobs,
@@ -36,9 +37,17 @@ pub enum ProtocolError {
     /// The CRC does not match: the frame was damaged on the line.
     BadCrc,
     UnsupportedVersion(u8),
-    UnknownType(u8),
-    /// The CRC matched but the payload does not parse.
-    Malformed(&'static str),
+    /// The CRC matched, so `seq` is the sender's and the frame can be NACKed as unsupported.
+    UnknownType {
+        seq: u16,
+        type_code: u8,
+    },
+    /// The CRC matched but the payload does not parse (or, when encoding, cannot be built):
+    /// the frame can be NACKed as invalid.
+    Malformed {
+        seq: u16,
+        why: &'static str,
+    },
 }
 
 impl core::fmt::Display for ProtocolError {
@@ -49,8 +58,12 @@ impl core::fmt::Display for ProtocolError {
             ProtocolError::TooShort => write!(f, "frame shorter than its header and CRC"),
             ProtocolError::BadCrc => write!(f, "CRC mismatch"),
             ProtocolError::UnsupportedVersion(v) => write!(f, "unsupported protocol version {v}"),
-            ProtocolError::UnknownType(t) => write!(f, "unknown message type {t:#04x}"),
-            ProtocolError::Malformed(why) => write!(f, "malformed payload: {why}"),
+            ProtocolError::UnknownType { seq, type_code } => {
+                write!(f, "frame {seq}: unknown message type {type_code:#04x}")
+            }
+            ProtocolError::Malformed { seq, why } => {
+                write!(f, "frame {seq}: malformed payload: {why}")
+            }
         }
     }
 }
@@ -77,9 +90,11 @@ pub fn encode_frame(
         buf: &mut frame[..MAX_FRAME_LEN - CRC_LEN],
         len: 0,
     };
-    writer.bytes(&[VERSION, message.type_code()])?;
-    writer.bytes(&seq.to_le_bytes())?;
-    message.write_payload(&mut writer)?;
+    writer
+        .bytes(&[VERSION, message.type_code()])
+        .and_then(|()| writer.bytes(&seq.to_le_bytes()))
+        .and_then(|()| message.write_payload(&mut writer))
+        .map_err(|error| error.with_seq(seq))?;
     let len = writer.len;
     let crc = crc::crc32c(&frame[..len]);
     frame[len..len + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
@@ -94,6 +109,9 @@ pub fn encode_frame(
 
 /// Parses one frame (without COBS and delimiter).
 pub fn parse_frame(frame: &[u8]) -> Result<Frame<'_>, ProtocolError> {
+    if frame.len() > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge);
+    }
     if frame.len() < HEADER_LEN + CRC_LEN {
         return Err(ProtocolError::TooShort);
     }
@@ -106,7 +124,8 @@ pub fn parse_frame(frame: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         return Err(ProtocolError::UnsupportedVersion(body[0]));
     }
     let seq = u16::from_le_bytes([body[2], body[3]]);
-    let message = Message::parse(body[1], &body[HEADER_LEN..])?;
+    let message =
+        Message::parse(body[1], &body[HEADER_LEN..]).map_err(|error| error.with_seq(seq))?;
     Ok(Frame { seq, message })
 }
 
@@ -139,10 +158,10 @@ impl DecoderStats {
             Err(ProtocolError::BadCobs) => self.bad_cobs += 1,
             Err(ProtocolError::TooShort) => self.too_short += 1,
             Err(ProtocolError::BadCrc) => self.bad_crc += 1,
-            Err(ProtocolError::UnsupportedVersion(_) | ProtocolError::UnknownType(_)) => {
+            Err(ProtocolError::UnsupportedVersion(_) | ProtocolError::UnknownType { .. }) => {
                 self.unsupported += 1
             }
-            Err(ProtocolError::Malformed(_)) => self.malformed += 1,
+            Err(ProtocolError::Malformed { .. }) => self.malformed += 1,
         }
     }
 }
@@ -151,7 +170,8 @@ impl DecoderStats {
 /// frame at its delimiter. After garbage it resynchronises at the next 0x00: the garbage counts
 /// as one error and the next frame decodes normally.
 pub struct FrameDecoder {
-    buf: [u8; MAX_WIRE_LEN],
+    /// Room for the largest COBS-encoded frame; one byte more is an overflow.
+    buf: [u8; MAX_WIRE_LEN - 1],
     len: usize,
     overflowed: bool,
     stats: DecoderStats,
@@ -166,7 +186,7 @@ impl Default for FrameDecoder {
 impl FrameDecoder {
     pub const fn new() -> Self {
         Self {
-            buf: [0; MAX_WIRE_LEN],
+            buf: [0; MAX_WIRE_LEN - 1],
             len: 0,
             overflowed: false,
             stats: DecoderStats {
