@@ -41,22 +41,25 @@ struct Adapter(Child);
 
 impl Adapter {
     async fn plug(dir: &Path) -> Adapter {
-        let child = Command::new("socat")
-            .arg(format!(
-                "pty,raw,echo=0,link={}",
-                dir.join("gateway").display()
-            ))
-            .arg(format!(
-                "pty,raw,echo=0,link={}",
-                dir.join("device").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat starts");
+        // Owned by an Adapter at once, so the process is killed and reaped on every path.
+        let adapter = Adapter(
+            Command::new("socat")
+                .arg(format!(
+                    "pty,raw,echo=0,link={}",
+                    dir.join("gateway").display()
+                ))
+                .arg(format!(
+                    "pty,raw,echo=0,link={}",
+                    dir.join("device").display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("socat starts"),
+        );
         for _ in 0..200 {
             if dir.join("gateway").exists() && dir.join("device").exists() {
-                return Adapter(child);
+                return adapter;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
