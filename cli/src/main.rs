@@ -3,9 +3,11 @@
 //! # Layout
 //! - `codec estimate`: the bandwidth a fleet's data needs ([`codec_estimate`]), reading CSV or
 //!   JSON lines ([`readings_file`]) or synthetic sensor data.
+//! - `sim serial|modbus`: simulated field devices on pseudo-terminals ([`sim`]).
 
 mod codec_estimate;
 mod readings_file;
+mod sim;
 
 use std::fs::File;
 use std::io::{self, BufReader};
@@ -32,6 +34,20 @@ enum Command {
         #[command(subcommand)]
         command: CodecCommand,
     },
+    /// Simulated field devices on pseudo-terminals, for trying a gateway without hardware.
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// Devices speaking the Fieldgate serial protocol, one per pseudo-terminal, with
+    /// realistic signals and injectable faults.
+    Serial(sim::SerialArgs),
+    /// A Modbus RTU bus of units serving a register map on one pseudo-terminal.
+    Modbus(sim::ModbusArgs),
 }
 
 #[derive(Subcommand)]
@@ -64,6 +80,15 @@ enum CodecCommand {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Sim { command } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                match command {
+                    SimCommand::Serial(args) => sim::serial(args).await,
+                    SimCommand::Modbus(args) => sim::modbus(args).await,
+                }
+            })?;
+        }
         Command::Codec {
             command:
                 CodecCommand::Estimate {
