@@ -16,9 +16,10 @@ ci:
 fmt:
     cargo fmt --all
 
-# Encode/decode throughput of the batch codec (criterion; results in target/criterion).
+# The benchmarks of BENCHMARKS.md (criterion; results in target/criterion).
 bench:
     cargo bench -p fieldgate-shared --bench codec
+    cargo bench -p fieldgate-firmware-bridge --bench frames
 
 # Bytes per reading of the batch codec on synthetic sensor data.
 estimate n="1000000":
