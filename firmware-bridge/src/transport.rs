@@ -32,6 +32,45 @@ pub struct SerialPortConfig {
     pub rs485: Option<Rs485Config>,
 }
 
+impl SerialPortConfig {
+    /// A port at the defaults: 115200 baud, 8N1, no RS-485.
+    pub fn new(path: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            baud_rate: default_baud_rate(),
+            data_bits: default_data_bits(),
+            parity: Parity::default(),
+            stop_bits: default_stop_bits(),
+            rs485: None,
+        }
+    }
+
+    /// Checks the settings [`open_port`] refuses, without opening the port, so that a
+    /// configuration can be refused when it is loaded rather than at every reopening.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        let bad = |setting, value, allowed| TransportError::BadSetting {
+            path: self.path.clone(),
+            setting,
+            value,
+            allowed,
+        };
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(bad("data_bits", self.data_bits as u32, "5, 6, 7 or 8"));
+        }
+        if !matches!(self.stop_bits, 1 | 2) {
+            return Err(bad("stop_bits", self.stop_bits as u32, "1 or 2"));
+        }
+        if self.baud_rate == 0 {
+            return Err(bad(
+                "baud_rate",
+                0,
+                "a positive rate such as 9600 or 115200",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Parity {
@@ -92,31 +131,17 @@ pub enum TransportError {
 
 /// Opens and configures a port.
 pub fn open_port(config: &SerialPortConfig) -> Result<SerialStream, TransportError> {
-    let bad = |setting, value, allowed| TransportError::BadSetting {
-        path: config.path.clone(),
-        setting,
-        value,
-        allowed,
-    };
+    config.validate()?;
     let data_bits = match config.data_bits {
         5 => tokio_serial::DataBits::Five,
         6 => tokio_serial::DataBits::Six,
         7 => tokio_serial::DataBits::Seven,
-        8 => tokio_serial::DataBits::Eight,
-        other => return Err(bad("data_bits", other as u32, "5, 6, 7 or 8")),
+        _ => tokio_serial::DataBits::Eight,
     };
     let stop_bits = match config.stop_bits {
-        1 => tokio_serial::StopBits::One,
         2 => tokio_serial::StopBits::Two,
-        other => return Err(bad("stop_bits", other as u32, "1 or 2")),
+        _ => tokio_serial::StopBits::One,
     };
-    if config.baud_rate == 0 {
-        return Err(bad(
-            "baud_rate",
-            0,
-            "a positive rate such as 9600 or 115200",
-        ));
-    }
     let parity = match config.parity {
         Parity::None => tokio_serial::Parity::None,
         Parity::Even => tokio_serial::Parity::Even,
@@ -297,6 +322,60 @@ mod tests {
         assert!(
             err.contains("data_bits 9") && err.contains("5, 6, 7 or 8"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn validate_refuses_what_open_port_refuses() {
+        let check = |config: SerialPortConfig, expected: Option<&str>| {
+            let validated = config.validate().err().map(|err| err.to_string());
+            let opened = match open_port(&config) {
+                Err(err @ TransportError::BadSetting { .. }) => Some(err.to_string()),
+                _ => None,
+            };
+            assert_eq!(validated, opened, "{config:?}");
+            match (validated, expected) {
+                (Some(message), Some(part)) => assert!(message.contains(part), "{message}"),
+                (None, None) => {}
+                (validated, _) => panic!("{config:?}: {validated:?}, expected {expected:?}"),
+            }
+        };
+        let port = || SerialPortConfig::new("/dev/null");
+        check(port(), None);
+        check(
+            SerialPortConfig {
+                data_bits: 4,
+                ..port()
+            },
+            Some("data_bits 4"),
+        );
+        check(
+            SerialPortConfig {
+                data_bits: 5,
+                ..port()
+            },
+            None,
+        );
+        check(
+            SerialPortConfig {
+                stop_bits: 0,
+                ..port()
+            },
+            Some("stop_bits 0"),
+        );
+        check(
+            SerialPortConfig {
+                stop_bits: 2,
+                ..port()
+            },
+            None,
+        );
+        check(
+            SerialPortConfig {
+                baud_rate: 0,
+                ..port()
+            },
+            Some("baud_rate 0"),
         );
     }
 }

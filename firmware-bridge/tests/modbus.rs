@@ -16,8 +16,9 @@ use std::time::Duration;
 use fieldgate_firmware_bridge::modbus::simulator::EXCEPTION_SERVER_DEVICE_FAILURE;
 use fieldgate_firmware_bridge::modbus::{
     spawn_poller, DeviceConfig, Fault, ModbusSimulator, PollerConfig, PollerError, PollerStats,
-    RegisterMap, SerialLineConfig, SimulatedUnit, SimulatedValues, SimulatorOptions,
+    PollingConfig, RegisterMap, SimulatedUnit, SimulatedValues, SimulatorOptions,
 };
+use fieldgate_firmware_bridge::transport::{Rs485Config, SerialPortConfig};
 use fieldgate_shared::{DeviceId, MetricName, Quality, Reading, Value};
 use modbus_peers::{collect_readings, wait_until};
 use tokio::sync::{mpsc, oneshot};
@@ -38,13 +39,21 @@ fn metric(name: &str) -> MetricName {
     MetricName::new(name).unwrap()
 }
 
-fn line(path: &Path, request_timeout_ms: u64) -> SerialLineConfig {
-    SerialLineConfig {
-        baud_rate: 19_200,
-        request_timeout_ms,
-        reopen_backoff_initial_ms: 20,
-        reopen_backoff_max_ms: 200,
-        ..SerialLineConfig::new(path)
+/// A poller config for the line at `path`, at 19200 8N1 (the pymodbus server's rate) with short
+/// reopening waits; [`RunningPoller::start`] adds the devices.
+fn line(path: &Path, request_timeout_ms: u64) -> PollerConfig {
+    PollerConfig {
+        port: SerialPortConfig {
+            baud_rate: 19_200,
+            ..SerialPortConfig::new(path.to_str().expect("test paths are UTF-8"))
+        },
+        polling: PollingConfig {
+            request_timeout_ms,
+            reopen_backoff_initial_ms: 20,
+            reopen_backoff_max_ms: 200,
+            ..PollingConfig::default()
+        },
+        devices: Vec::new(),
     }
 }
 
@@ -57,10 +66,11 @@ struct RunningPoller {
 }
 
 impl RunningPoller {
-    fn start(port: SerialLineConfig, devices: Vec<DeviceConfig>) -> Self {
+    fn start(line: PollerConfig, devices: Vec<DeviceConfig>) -> Self {
         let (readings_tx, readings) = mpsc::channel(100_000);
         let (stop, stop_requested) = oneshot::channel::<()>();
-        let (task, stats) = spawn_poller(PollerConfig { port, devices }, readings_tx, async move {
+        let config = PollerConfig { devices, ..line };
+        let (task, stats) = spawn_poller(config, readings_tx, async move {
             let _ = stop_requested.await;
         })
         .unwrap_or_else(|err| panic!("{err}"));
@@ -611,5 +621,43 @@ mod modbus_against_the_simulator {
         assert!(snapshot.device(&device).io_errors >= 1, "{snapshot:?}");
         poller.stop().await;
         second.stop().await;
+    }
+
+    /// `[port.rs485]` reaches the port: the poller opens its line with the crate's `open_port`,
+    /// which enables RS-485 with an ioctl. A pseudo-terminal is no RS-485 UART and refuses it, so
+    /// the poller counts failed opens and keeps retrying rather than polling without RS-485.
+    #[tokio::test]
+    async fn rs485_settings_are_applied_when_the_port_opens() {
+        let simulator =
+            ModbusSimulator::start(&[fixed_sensor(1, Fault::None)], SimulatorOptions::default())
+                .unwrap();
+        let mut config = line(simulator.port_path(), 1_000);
+        config.port.rs485 = Some(Rs485Config {
+            rts_on_send: true,
+            rts_after_send: false,
+            delay_before_send_ms: 0,
+            delay_after_send_ms: 0,
+        });
+        let device = device_id("sensor-1");
+        let poller = RunningPoller::start(
+            config,
+            vec![DeviceConfig {
+                id: device.clone(),
+                unit_id: 1,
+                map: map(SENSOR_MAP),
+            }],
+        );
+        let stats = poller.stats.clone();
+        wait_until(
+            DEADLINE,
+            || stats.snapshot().port.open_failures >= 3,
+            || format!("{:#?}", stats.snapshot()),
+        )
+        .await;
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.port.opens, 0, "{snapshot:?}");
+        assert_eq!(snapshot.device(&device).polls, 0, "{snapshot:?}");
+        poller.stop().await;
+        simulator.stop().await;
     }
 }

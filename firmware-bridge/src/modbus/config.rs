@@ -1,16 +1,25 @@
-//! Poller configuration: the serial line's settings and the devices on it, read from TOML and
-//! validated (errors name the key and the reason).
+//! Poller configuration: the serial line's settings, how it is polled, and the devices on it,
+//! read from TOML and validated (errors name the key and the reason).
 //!
 //! # Format
 //!
 //! ```toml
+//! # The port, as every serial port is configured (crate::transport::SerialPortConfig).
 //! [port]
 //! path = "/dev/ttyUSB0"
-//! baud_rate = 9600                 # default 9600
-//! parity = "none"                  # none | even | odd (default none)
+//! baud_rate = 9600                 # required here: Modbus devices ship at 9600 or 19200
+//! parity = "even"                  # none | even | odd (default none)
 //! data_bits = 8                    # 5..=8 (default 8)
 //! stop_bits = 1                    # 1 | 2 (default 1)
-//! request_timeout_ms = 1000        # per request, default 1000
+//!
+//! [port.rs485]                     # optional: half-duplex RS-485 driven by the UART's RTS line
+//! rts_on_send = true               # RTS level while sending (default true)
+//! rts_after_send = false           # RTS level after sending (default false)
+//! delay_before_send_ms = 0         # default 0
+//! delay_after_send_ms = 0          # default 0
+//!
+//! [polling]                        # optional, every key has a default
+//! request_timeout_ms = 1000        # per request, 1..=60000 (default 1000)
 //! reopen_backoff_initial_ms = 500  # first wait before reopening a lost port (default 500)
 //! reopen_backoff_max_ms = 30000    # the wait doubles up to this (default 30000)
 //! garbled_response_retries = 1     # re-ask after a CRC or framing error (default 1)
@@ -30,29 +39,11 @@ use fieldgate_shared::DeviceId;
 use serde::Deserialize;
 
 use super::register_map::{RegisterMap, RegisterMapError};
+use crate::transport::{Backoff, SerialPortConfig, TransportError};
 
 /// Highest unit id a device may have (248..=255 are reserved, 0 is broadcast).
 pub const MAX_UNIT_ID: u8 = 247;
 
-/// Parity of the serial line.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    #[default]
-    None,
-    Even,
-    Odd,
-}
-
-fn default_baud_rate() -> u32 {
-    9_600
-}
-fn default_data_bits() -> u8 {
-    8
-}
-fn default_stop_bits() -> u8 {
-    1
-}
 fn default_request_timeout_ms() -> u64 {
     1_000
 }
@@ -66,19 +57,10 @@ fn default_garbled_response_retries() -> u8 {
     1
 }
 
-/// The serial line the poller owns.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// How the poller uses its line: the Modbus-specific settings beside the port's.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SerialLineConfig {
-    pub path: PathBuf,
-    #[serde(default = "default_baud_rate")]
-    pub baud_rate: u32,
-    #[serde(default)]
-    pub parity: Parity,
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
-    #[serde(default = "default_stop_bits")]
-    pub stop_bits: u8,
+pub struct PollingConfig {
     /// How long to wait for each answer.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
@@ -92,57 +74,35 @@ pub struct SerialLineConfig {
     pub garbled_response_retries: u8,
 }
 
-impl SerialLineConfig {
-    /// A line at 9600 8N1 with the default timeouts.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+impl Default for PollingConfig {
+    fn default() -> Self {
         Self {
-            path: path.into(),
-            baud_rate: default_baud_rate(),
-            parity: Parity::None,
-            data_bits: default_data_bits(),
-            stop_bits: default_stop_bits(),
             request_timeout_ms: default_request_timeout_ms(),
             reopen_backoff_initial_ms: default_reopen_backoff_initial_ms(),
             reopen_backoff_max_ms: default_reopen_backoff_max_ms(),
             garbled_response_retries: default_garbled_response_retries(),
         }
     }
+}
 
+impl PollingConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
 
-    pub fn reopen_backoff_initial(&self) -> Duration {
-        Duration::from_millis(self.reopen_backoff_initial_ms)
-    }
-
-    pub fn reopen_backoff_max(&self) -> Duration {
-        Duration::from_millis(self.reopen_backoff_max_ms)
+    /// The waits before reopening a lost port.
+    pub fn reopen_backoff(&self) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(self.reopen_backoff_initial_ms),
+            max: Duration::from_millis(self.reopen_backoff_max_ms),
+        }
     }
 
     fn validate(&self) -> Result<(), PollerConfigError> {
         let invalid = |key: &str, reason: String| PollerConfigError::Invalid {
-            key: format!("port.{key}"),
+            key: format!("polling.{key}"),
             reason,
         };
-        if self.path.as_os_str().is_empty() {
-            return Err(invalid("path", "is empty".into()));
-        }
-        if self.baud_rate == 0 {
-            return Err(invalid("baud_rate", "must be above 0".into()));
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            return Err(invalid(
-                "data_bits",
-                format!("{} is not 5, 6, 7 or 8", self.data_bits),
-            ));
-        }
-        if !matches!(self.stop_bits, 1 | 2) {
-            return Err(invalid(
-                "stop_bits",
-                format!("{} is not 1 or 2", self.stop_bits),
-            ));
-        }
         if !(1..=60_000).contains(&self.request_timeout_ms) {
             return Err(invalid(
                 "request_timeout_ms",
@@ -168,6 +128,22 @@ impl SerialLineConfig {
     }
 }
 
+fn validate_port(port: &SerialPortConfig) -> Result<(), PollerConfigError> {
+    if port.path.is_empty() {
+        return Err(PollerConfigError::Invalid {
+            key: "port.path".into(),
+            reason: "is empty".into(),
+        });
+    }
+    port.validate().map_err(|source| {
+        let key = match &source {
+            TransportError::BadSetting { setting, .. } => format!("port.{setting}"),
+            _ => "port".into(),
+        };
+        PollerConfigError::Port { key, source }
+    })
+}
+
 /// One device on the line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceConfig {
@@ -177,10 +153,11 @@ pub struct DeviceConfig {
     pub map: Arc<RegisterMap>,
 }
 
-/// Everything one poller needs: one line and its devices.
+/// Everything one poller needs: one line, how to poll it, and its devices.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PollerConfig {
-    pub port: SerialLineConfig,
+    pub port: SerialPortConfig,
+    pub polling: PollingConfig,
     pub devices: Vec<DeviceConfig>,
 }
 
@@ -202,6 +179,8 @@ pub enum PollerConfigError {
         key: String,
         source: RegisterMapError,
     },
+    #[error("poller config: {key}: {source}")]
+    Port { key: String, source: TransportError },
     #[error("poller config: {key}: {reason}")]
     Invalid { key: String, reason: String },
 }
@@ -209,7 +188,9 @@ pub enum PollerConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PollerConfigFile {
-    port: SerialLineConfig,
+    port: SerialPortConfig,
+    #[serde(default)]
+    polling: PollingConfig,
     devices: Vec<DeviceEntryFile>,
 }
 
@@ -224,7 +205,8 @@ struct DeviceEntryFile {
 impl PollerConfig {
     /// Checks what the types cannot: value ranges, unique ids, at least one device.
     pub fn validate(&self) -> Result<(), PollerConfigError> {
-        self.port.validate()?;
+        validate_port(&self.port)?;
+        self.polling.validate()?;
         if self.devices.is_empty() {
             return Err(PollerConfigError::Invalid {
                 key: "devices".into(),
@@ -288,6 +270,14 @@ impl PollerConfig {
                 origin: origin.to_owned(),
                 source: Box::new(source),
             })?;
+        // SerialPortConfig's default of 115200 baud suits the Fieldgate serial links, but Modbus
+        // devices ship at 9600 or 19200, and a wrong rate only shows as every device timing out.
+        if !names_baud_rate(text) {
+            return Err(PollerConfigError::Invalid {
+                key: "port.baud_rate".into(),
+                reason: "is required for a Modbus line (devices usually use 9600 or 19200)".into(),
+            });
+        }
         let mut maps: HashMap<PathBuf, Arc<RegisterMap>> = HashMap::new();
         let mut devices = Vec::with_capacity(file.devices.len());
         for (index, entry) in file.devices.into_iter().enumerate() {
@@ -313,6 +303,7 @@ impl PollerConfig {
         }
         let config = PollerConfig {
             port: file.port,
+            polling: file.polling,
             devices,
         };
         config.validate()?;
@@ -320,12 +311,36 @@ impl PollerConfig {
     }
 }
 
+/// Whether the config text sets `port.baud_rate`; called once the text parsed as a config.
+fn names_baud_rate(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text).is_ok_and(|table| {
+        table
+            .get("port")
+            .and_then(|port| port.get("baud_rate"))
+            .is_some()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::Parity;
 
     fn examples_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+    }
+
+    fn device(id: &str, unit_id: u32) -> String {
+        format!(
+            "[[devices]]\nid = \"{id}\"\nunit_id = {unit_id}\nmap = \"register-maps/energy-meter.toml\"\n"
+        )
+    }
+
+    const PORT: &str = "[port]\npath = \"/dev/ttyUSB0\"\nbaud_rate = 19200\n";
+
+    fn parse(text: &str) -> PollerConfig {
+        PollerConfig::from_toml_str(text, "poller.toml", &examples_dir())
+            .unwrap_or_else(|err| panic!("{err}\n{text}"))
     }
 
     #[test]
@@ -336,6 +351,37 @@ mod tests {
         assert!(Arc::ptr_eq(&config.devices[0].map, &config.devices[1].map));
         assert_eq!(config.port.baud_rate, 9_600);
         assert_eq!(config.port.parity, Parity::Even);
+        assert_eq!(config.polling.request_timeout(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn polling_settings_default_when_the_table_is_absent() {
+        let config = parse(&format!("{PORT}{}", device("a", 1)));
+        assert_eq!(config.polling, PollingConfig::default());
+        assert_eq!(config.polling.request_timeout(), Duration::from_secs(1));
+        let backoff = config.polling.reopen_backoff();
+        assert_eq!(
+            (backoff.initial, backoff.max),
+            (Duration::from_millis(500), Duration::from_secs(30))
+        );
+        assert_eq!(config.polling.garbled_response_retries, 1);
+        assert_eq!(config.port.rs485, None);
+        assert_eq!((config.port.data_bits, config.port.stop_bits), (8, 1));
+    }
+
+    #[test]
+    fn rs485_and_polling_tables_are_read() {
+        let config = parse(&format!(
+            "{PORT}[port.rs485]\ndelay_after_send_ms = 2\n\
+             [polling]\nrequest_timeout_ms = 250\ngarbled_response_retries = 0\n{}",
+            device("a", 1)
+        ));
+        let rs485 = config.port.rs485.expect("rs485 is set");
+        assert!(rs485.rts_on_send && !rs485.rts_after_send);
+        assert_eq!(rs485.delay_after_send_ms, 2);
+        assert_eq!(config.polling.request_timeout_ms, 250);
+        assert_eq!(config.polling.garbled_response_retries, 0);
+        assert_eq!(config.polling.reopen_backoff_initial_ms, 500);
     }
 
     #[test]
@@ -348,44 +394,76 @@ mod tests {
                 assert!(message.contains(part), "{message:?} lacks {part:?}");
             }
         };
-        let device = |id: &str, unit_id: u32| {
-            format!(
-                "[[devices]]\nid = \"{id}\"\nunit_id = {unit_id}\nmap = \"register-maps/energy-meter.toml\"\n"
-            )
-        };
-        let port = "[port]\npath = \"/dev/ttyUSB0\"\n";
+        let one_device = device("a", 1);
         check(
-            &format!("{port}{}", device("a", 0)),
+            &format!("{PORT}{}", device("a", 0)),
             &["devices[0].unit_id", "1..=247"],
         );
         check(
-            &format!("{port}{}", device("a", 248)),
+            &format!("{PORT}{}", device("a", 248)),
             &["devices[0].unit_id"],
         );
         check(
-            &format!("{port}{}{}", device("a", 1), device("b", 1)),
+            &format!("{PORT}{}{}", device("a", 1), device("b", 1)),
             &["devices[1].unit_id", "device a"],
         );
         check(
-            &format!("{port}{}{}", device("a", 1), device("a", 2)),
+            &format!("{PORT}{}{}", device("a", 1), device("a", 2)),
             &["devices[1].id", "twice"],
         );
         check(
-            &format!("{port}data_bits = 9\n{}", device("a", 1)),
-            &["port.data_bits", "9"],
+            &format!("{PORT}data_bits = 9\n{one_device}"),
+            &["port.data_bits", "9", "5, 6, 7 or 8"],
         );
         check(
-            &format!("{port}stop_bits = 3\n{}", device("a", 1)),
-            &["port.stop_bits"],
+            &format!("{PORT}stop_bits = 3\n{one_device}"),
+            &["port.stop_bits", "1 or 2"],
         );
         check(
-            &format!("{port}baud = 9600\n{}", device("a", 1)),
+            &format!("[port]\npath = \"/dev/ttyUSB0\"\nbaud_rate = 0\n{one_device}"),
+            &["port.baud_rate", "0"],
+        );
+        check(
+            &format!("[port]\npath = \"/dev/ttyUSB0\"\n{one_device}"),
+            &["port.baud_rate", "required", "9600"],
+        );
+        check(
+            &format!("[port]\npath = \"\"\nbaud_rate = 9600\n{one_device}"),
+            &["port.path", "empty"],
+        );
+        check(
+            &format!("{PORT}baud = 9600\n{one_device}"),
             &["poller.toml", "baud"],
         );
         check(
-            &format!("{port}[[devices]]\nid = \"a\"\nunit_id = 1\nmap = \"missing.toml\"\n"),
+            &format!("{PORT}[port.rs485]\nrts_on_sent = true\n{one_device}"),
+            &["poller.toml", "rts_on_sent"],
+        );
+        // The settings that were in `[port]` before it became a `SerialPortConfig`.
+        check(
+            &format!("{PORT}request_timeout_ms = 500\n{one_device}"),
+            &["poller.toml", "request_timeout_ms"],
+        );
+        check(
+            &format!("{PORT}[polling]\nrequest_timeout = 500\n{one_device}"),
+            &["poller.toml", "request_timeout"],
+        );
+        check(
+            &format!("{PORT}[polling]\nrequest_timeout_ms = 0\n{one_device}"),
+            &["polling.request_timeout_ms", "1..=60000"],
+        );
+        check(
+            &format!("{PORT}[polling]\nreopen_backoff_initial_ms = 0\n{one_device}"),
+            &["polling.reopen_backoff_initial_ms"],
+        );
+        check(
+            &format!("{PORT}[polling]\nreopen_backoff_max_ms = 100\n{one_device}"),
+            &["polling.reopen_backoff_max_ms", "below"],
+        );
+        check(
+            &format!("{PORT}[[devices]]\nid = \"a\"\nunit_id = 1\nmap = \"missing.toml\"\n"),
             &["devices[0].map", "missing.toml"],
         );
-        check(&format!("devices = []\n{port}"), &["devices", "no device"]);
+        check(&format!("devices = []\n{PORT}"), &["devices", "no device"]);
     }
 }

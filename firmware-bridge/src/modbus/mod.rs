@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`register_map`]: a device model's register map in TOML (format in its docs), validated.
-//! - [`config`]: the poller's serial line and devices in TOML, validated.
+//! - [`config`]: the poller's serial port (a [`crate::transport::SerialPortConfig`]), its polling
+//!   settings and its devices in TOML, validated.
 //! - [`read_plan`]: groups a map's registers into as few read requests as possible.
 //! - [`value_codec`]: raw registers to readings and back; pure.
 //! - [`rtu`]: RTU framing without I/O (CRC-16, the simulator's request decoder and answers).
@@ -47,8 +48,8 @@ pub mod stats;
 pub mod transport;
 pub mod value_codec;
 
-pub use config::{DeviceConfig, Parity, PollerConfig, PollerConfigError, SerialLineConfig};
-pub use poller::{open_serial_line, spawn_poller, ModbusPoller, PollerError};
+pub use config::{DeviceConfig, PollerConfig, PollerConfigError, PollingConfig};
+pub use poller::{spawn_poller, ModbusPoller, PollerError};
 pub use read_plan::{plan_reads, ReadRequest};
 pub use register_map::{
     RegisterKind, RegisterMap, RegisterMapError, RegisterSpec, RegisterType, WordOrder,

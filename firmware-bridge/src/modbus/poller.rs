@@ -17,6 +17,11 @@
 //!   retried `garbled_response_retries` times with a fresh client;
 //! - any other I/O error: the port is closed and reopened after a backoff that doubles up to
 //!   `reopen_backoff_max_ms`, and is reset once a request completes on the new port.
+//!
+//! The port is opened by [`crate::transport::open_port`], like every serial port of this crate,
+//! so RS-485 direction switching is set up when `[port.rs485]` asks for it. The port itself has
+//! no read timeout (tokio-serial reads without blocking): each request is bounded by
+//! `request_timeout_ms` through `tokio::time::timeout`.
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,12 +36,13 @@ use tokio_modbus::{Request, Response, Slave};
 use tokio_serial::SerialStream;
 use tracing::{debug, info, warn};
 
-use super::config::{DeviceConfig, Parity, PollerConfig, PollerConfigError, SerialLineConfig};
+use super::config::{DeviceConfig, PollerConfig, PollerConfigError};
 use super::read_plan::{plan_reads, ReadRequest};
 use super::register_map::RegisterKind;
 use super::stats::{PollEvent, PollerStats};
 use super::transport::SharedPort;
 use super::value_codec::{decode_read_response, ResponseData};
+use crate::transport::open_port;
 
 /// Why the poller stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -95,32 +101,6 @@ fn utc_now_ms() -> i64 {
         .map_or(0, |since_epoch| since_epoch.as_millis() as i64)
 }
 
-/// Opens and configures the serial line.
-pub fn open_serial_line(config: &SerialLineConfig) -> Result<SerialStream, tokio_serial::Error> {
-    let data_bits = match config.data_bits {
-        5 => tokio_serial::DataBits::Five,
-        6 => tokio_serial::DataBits::Six,
-        7 => tokio_serial::DataBits::Seven,
-        _ => tokio_serial::DataBits::Eight,
-    };
-    let stop_bits = match config.stop_bits {
-        2 => tokio_serial::StopBits::Two,
-        _ => tokio_serial::StopBits::One,
-    };
-    let parity = match config.parity {
-        Parity::None => tokio_serial::Parity::None,
-        Parity::Even => tokio_serial::Parity::Even,
-        Parity::Odd => tokio_serial::Parity::Odd,
-    };
-    let builder = tokio_serial::new(config.path.to_string_lossy(), config.baud_rate)
-        .data_bits(data_bits)
-        .stop_bits(stop_bits)
-        .parity(parity)
-        .flow_control(tokio_serial::FlowControl::None)
-        .timeout(config.request_timeout());
-    SerialStream::open(&builder)
-}
-
 fn modbus_request(request: &ReadRequest) -> Request<'static> {
     let (address, count) = (request.start_address, request.count);
     match request.kind {
@@ -145,7 +125,7 @@ impl ModbusPoller {
     }
 
     fn path(&self) -> String {
-        self.config.port.path.display().to_string()
+        self.config.port.path.clone()
     }
 
     /// Polls until `shutdown` completes (returns `Ok`) or the readings channel closes.
@@ -179,9 +159,8 @@ impl ModbusPoller {
             "Starting Modbus poller"
         );
 
-        let initial_backoff = self.config.port.reopen_backoff_initial();
-        let max_backoff = self.config.port.reopen_backoff_max();
-        let mut backoff = initial_backoff;
+        let reopen_backoff = self.config.polling.reopen_backoff();
+        let mut backoff = reopen_backoff.initial;
         let mut wait_before_opening: Option<Duration> = None;
         loop {
             if let Some(delay) = wait_before_opening.take() {
@@ -190,12 +169,12 @@ impl ModbusPoller {
                     () = tokio::time::sleep(delay) => {}
                 }
             }
-            let stream = match open_serial_line(&self.config.port) {
+            let stream = match open_port(&self.config.port) {
                 Ok(stream) => stream,
                 Err(error) => {
                     self.stats.record_port_open_failed(&path, &error);
                     wait_before_opening = Some(backoff);
-                    backoff = (backoff * 2).min(max_backoff);
+                    backoff = (backoff * 2).min(reopen_backoff.max);
                     continue;
                 }
             };
@@ -221,7 +200,7 @@ impl ModbusPoller {
                 next.next_due = (next.next_due + next.request.poll_period).max(Instant::now());
                 match outcome {
                     RequestOutcome::Readings(device_readings) => {
-                        backoff = initial_backoff;
+                        backoff = reopen_backoff.initial;
                         for reading in device_readings {
                             tokio::select! {
                                 () = &mut shutdown => return Ok(()),
@@ -233,11 +212,11 @@ impl ModbusPoller {
                             }
                         }
                     }
-                    RequestOutcome::NoReadings => backoff = initial_backoff,
+                    RequestOutcome::NoReadings => backoff = reopen_backoff.initial,
                     RequestOutcome::PortFailed => {
                         self.stats.record_port_lost(&path);
                         wait_before_opening = Some(backoff);
-                        backoff = (backoff * 2).min(max_backoff);
+                        backoff = (backoff * 2).min(reopen_backoff.max);
                         break;
                     }
                 }
@@ -252,8 +231,8 @@ impl ModbusPoller {
         device: &DeviceConfig,
         request: &ReadRequest,
     ) -> RequestOutcome {
-        let attempts = 1 + u32::from(self.config.port.garbled_response_retries);
-        let timeout = self.config.port.request_timeout();
+        let attempts = 1 + u32::from(self.config.polling.garbled_response_retries);
+        let timeout = self.config.polling.request_timeout();
         let record = |event: PollEvent<'_>| {
             self.stats
                 .record(&device.id, device.unit_id, request, event)

@@ -1,0 +1,1 @@
+//! The cleaning pipeline (being written).
