@@ -4,8 +4,16 @@
 //! - [`clean`]: the cleaning pipeline between ingress and the journal: schema and range checks,
 //!   duplicate suppression, unit normalisation, spike and stuck-sensor detection, clock-skew
 //!   correction, windowed statistics and anomaly flags, and the quarantine of what it rejects.
+//! - [`config`]: the agent's TOML configuration.
+//! - [`agent`]: builds and runs the parts, and stops them in order.
+//! - [`writer`]: the journal writer: group commits, and the durable-commit answers to ingress.
+//! - [`http`]: the local HTTP API (`/healthz`, `/metrics`, `/status`).
 //! - [`journal`]: the durable journal on sled: sequence numbers, group-committed chunks, a
 //!   cursor per cloud target, the disk quota and its overflow policy, corruption recovery.
 
+pub mod agent;
 pub mod clean;
+pub mod config;
+pub mod http;
 pub mod journal;
+pub mod writer;

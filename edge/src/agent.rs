@@ -1,0 +1,161 @@
+//! The agent: builds every part from the configuration, runs them, and shuts them down in
+//! order (ingress first, then the writer drains and flushes) when asked to stop.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fieldgate_firmware_bridge::modbus::spawn_poller;
+use fieldgate_firmware_bridge::session::SessionConfig;
+use fieldgate_firmware_bridge::transport::{run_serial_link, Backoff, LinkStats};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::EdgeConfig;
+use crate::http::{router, AgentState};
+use crate::journal::{Journal, JournalConfig};
+use crate::writer::{run_writer, GroupCommit, JournalInput, WriterStats};
+
+/// Runs the agent until `shutdown` resolves; returns once everything received is durable.
+pub async fn run(
+    config: EdgeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.gateway.data_dir).with_context(|| {
+        format!(
+            "creating the data directory {}",
+            config.gateway.data_dir.display()
+        )
+    })?;
+    let targets: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
+    let journal_config = JournalConfig {
+        path: config.journal_path(),
+        targets: targets.clone(),
+        quota_bytes: config.journal.quota_mb * 1024 * 1024,
+        overflow: config.journal.overflow,
+        compaction_slack_bytes: config.journal.compaction_slack_mb * 1024 * 1024,
+    };
+    let (journal, report) = tokio::task::spawn_blocking(move || Journal::open(journal_config))
+        .await?
+        .context("opening the journal")?;
+    if let Some(aside) = &report.moved_aside {
+        tracing::error!(moved_to = %aside.display(), "THE JOURNAL WAS CORRUPT: it was moved aside and a new one started; readings not yet synced are missing from this gateway");
+    }
+    tracing::info!(gateway = %config.gateway.id, readings_held = report.readings_held, "journal open");
+    let journal = Arc::new(Mutex::new(journal));
+
+    let (stop_tx, stop) = watch::channel(false);
+    let (input_tx, input) = mpsc::channel::<JournalInput>(1024);
+    let writer_stats = Arc::new(WriterStats::default());
+    let group_commit = GroupCommit {
+        interval: Duration::from_millis(config.journal.flush_interval_ms),
+        max_readings: config.journal.flush_max_readings,
+    };
+    let writer = tokio::spawn(run_writer(
+        journal.clone(),
+        input,
+        group_commit,
+        writer_stats.clone(),
+    ));
+
+    let mut ingress = Vec::new();
+    let mut serial_links = Vec::new();
+    for port in &config.serial {
+        let stats = Arc::new(LinkStats::default());
+        serial_links.push((port.path.clone(), stats.clone()));
+        let (batches_tx, mut batches) = mpsc::channel(64);
+        // No operator requests yet: the control link that brings them is a later component.
+        let (_, requests) = mpsc::channel(1);
+        ingress.push(tokio::spawn(run_serial_link(
+            port.clone(),
+            SessionConfig::default(),
+            Backoff::default(),
+            batches_tx,
+            requests,
+            stats,
+            stop.clone(),
+        )));
+        let input_tx = input_tx.clone();
+        ingress.push(tokio::spawn(async move {
+            while let Some(batch) = batches.recv().await {
+                let input = JournalInput {
+                    readings: batch.readings,
+                    commit: Some(batch.commit),
+                };
+                if input_tx.send(input).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+
+    let mut modbus_pollers = Vec::new();
+    for poller in &config.modbus_pollers {
+        let (readings_tx, mut readings) = mpsc::channel(4096);
+        let mut stop = stop.clone();
+        let (task, stats) = spawn_poller(poller.clone(), readings_tx, async move {
+            let _ = stop.wait_for(|&s| s).await;
+        })
+        .context("starting a Modbus poller")?;
+        modbus_pollers.push((poller.port.path.clone(), stats));
+        ingress.push(tokio::spawn(async move {
+            let _ = task.await;
+        }));
+        let input_tx = input_tx.clone();
+        ingress.push(tokio::spawn(async move {
+            while let Some(first) = readings.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = readings.try_recv() {
+                    batch.push(more);
+                }
+                if input_tx
+                    .send(JournalInput {
+                        readings: batch,
+                        commit: None,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(input_tx);
+
+    let state = AgentState {
+        gateway: config.gateway.id.to_string(),
+        started: Instant::now(),
+        journal: journal.clone(),
+        targets,
+        writer: writer_stats,
+        serial_links,
+        modbus_pollers,
+        journal_moved_aside: report.moved_aside.map(|p| p.display().to_string()),
+    };
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("listening on {} for the local HTTP API", config.http.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "local HTTP API up");
+    let mut http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|&s| s).await;
+            })
+            .await
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: stopping ingress, then flushing the journal");
+    let _ = stop_tx.send(true);
+    for task in ingress {
+        let _ = task.await;
+    }
+    // Every ingress sender is gone now, so the writer finishes its last group and returns.
+    writer.await?;
+    let _ = http.await;
+    let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+    journal.flush().context("final journal flush")?;
+    tracing::info!(next_seq = journal.next_seq(), "stopped");
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! The agent's configuration: one TOML file (see `edge/fieldgate-edge.example.toml`), every
+//! table with `deny_unknown_fields` so a typo is an error naming the key, and environment
+//! overrides for what should not sit in a file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fieldgate_firmware_bridge::modbus::PollerConfig;
+use fieldgate_firmware_bridge::transport::SerialPortConfig;
+use fieldgate_shared::GatewayId;
+use serde::Deserialize;
+
+use crate::journal::OverflowPolicy;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub journal: JournalSettings,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Serial ports with devices speaking the Fieldgate serial protocol, one device per port.
+    #[serde(default)]
+    pub serial: Vec<SerialPortConfig>,
+    /// Modbus RTU lines: each a poller config file (its `[port]`, `[polling]` and `[[devices]]`
+    /// with register maps; see `firmware-bridge/examples/modbus-poller.toml`), relative to this
+    /// file's folder.
+    #[serde(default)]
+    pub modbus: Vec<PathBuf>,
+    /// The Modbus pollers, loaded from `modbus` when the file is loaded.
+    #[serde(skip)]
+    pub modbus_pollers: Vec<PollerConfig>,
+    /// The cloud targets whose cursors the journal keeps (the uplink that sends to them is a
+    /// separate component).
+    #[serde(default = "default_targets")]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub id: GatewayId,
+    /// Where the journal and the agent's state live. `FIELDGATE_DATA_DIR` overrides it.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSettings {
+    #[serde(default = "default_quota_mb")]
+    pub quota_mb: u64,
+    #[serde(default = "default_overflow")]
+    pub overflow: OverflowPolicy,
+    /// Group commit: readings wait at most this long for a flush (and so for their ACK).
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Group commit: a flush happens as soon as this many readings wait.
+    #[serde(default = "default_flush_max_readings")]
+    pub flush_max_readings: usize,
+    #[serde(default = "default_compaction_slack_mb")]
+    pub compaction_slack_mb: u64,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        Self {
+            quota_mb: default_quota_mb(),
+            overflow: default_overflow(),
+            flush_interval_ms: default_flush_interval_ms(),
+            flush_max_readings: default_flush_max_readings(),
+            compaction_slack_mb: default_compaction_slack_mb(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// The local status API. Loopback by default: it has no authentication.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+}
+
+fn default_quota_mb() -> u64 {
+    512
+}
+fn default_overflow() -> OverflowPolicy {
+    OverflowPolicy::DropOldest
+}
+fn default_flush_interval_ms() -> u64 {
+    20
+}
+fn default_flush_max_readings() -> usize {
+    20_000
+}
+fn default_compaction_slack_mb() -> u64 {
+    8
+}
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7780))
+}
+fn default_targets() -> Vec<TargetConfig> {
+    vec![TargetConfig {
+        name: "cloud".into(),
+    }]
+}
+
+/// A configuration that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+impl EdgeConfig {
+    pub fn load(path: &Path) -> Result<EdgeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        if let Some(dir) = std::env::var_os("FIELDGATE_DATA_DIR") {
+            config.gateway.data_dir = PathBuf::from(dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates; `path` names the file in errors, and Modbus poller files are
+    /// read relative to its folder.
+    pub fn parse(text: &str, path: &Path) -> Result<EdgeConfig, ConfigError> {
+        let mut config: EdgeConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string(),
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        for (i, file) in config.modbus.iter().enumerate() {
+            let poller = PollerConfig::from_file(&base_dir.join(file)).map_err(|err| {
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: format!("modbus[{i}]"),
+                    reason: err.to_string(),
+                }
+            })?;
+            config.modbus_pollers.push(poller);
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        if self.journal.quota_mb == 0 {
+            return Err(invalid(
+                "journal.quota_mb".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.journal.flush_interval_ms == 0 || self.journal.flush_interval_ms > 10_000 {
+            return Err(invalid(
+                "journal.flush_interval_ms".into(),
+                "must be 1 to 10000 (it bounds how long devices wait for their ACK)".into(),
+            ));
+        }
+        if self.journal.flush_max_readings == 0 {
+            return Err(invalid(
+                "journal.flush_max_readings".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(invalid(
+                "targets".into(),
+                "at least one target is needed".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            if !names.insert(&target.name) {
+                return Err(invalid(
+                    format!("targets[{i}].name"),
+                    format!("{:?} appears twice", target.name),
+                ));
+            }
+        }
+        for (i, port) in self.serial.iter().enumerate() {
+            port.validate()
+                .map_err(|err| invalid(format!("serial[{i}]"), err.to_string()))?;
+        }
+        for (i, line) in self.modbus_pollers.iter().enumerate() {
+            line.validate()
+                .map_err(|err| invalid(format!("modbus[{i}]"), err.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.gateway.data_dir.join("journal")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<EdgeConfig, String> {
+        EdgeConfig::parse(text, Path::new("edge.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fieldgate-edge.example.toml");
+        let config = EdgeConfig::load(&path).unwrap();
+        assert_eq!(config.gateway.id.as_str(), "gw-plant-1");
+        assert!(!config.serial.is_empty());
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = parse("[gateway]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+        assert_eq!(config.journal.quota_mb, 512);
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:7780");
+        assert_eq!(config.targets.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let check = |text: &str, expected: &str| {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(expected), "{err} lacks {expected}");
+        };
+        let gateway = "[gateway]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\n";
+        check(
+            &format!("{gateway}[journal]\nquota = 5\n"),
+            "unknown field `quota`",
+        );
+        check(
+            "[gateway]\nid = \"gw 1\"\ndata_dir = \"/x\"\n",
+            "gateway name",
+        );
+        check(
+            &format!("{gateway}[journal]\nflush_interval_ms = 0\n"),
+            "journal.flush_interval_ms",
+        );
+        check(
+            &format!("{gateway}[[serial]]\npath = \"/dev/x\"\ndata_bits = 9\n"),
+            "serial[0]",
+        );
+        check(
+            &format!("{gateway}[[targets]]\nname = \"a\"\n[[targets]]\nname = \"a\"\n"),
+            "targets[1].name",
+        );
+        check(
+            &format!("{gateway}[journal]\noverflow = \"explode\"\n"),
+            "overflow",
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! The local HTTP API on loopback: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON).
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use fieldgate_firmware_bridge::modbus::PollerStats;
+use fieldgate_firmware_bridge::transport::LinkStats;
+use serde::Serialize;
+
+use crate::journal::{Journal, JournalStats};
+use crate::writer::WriterStats;
+
+/// What the HTTP handlers read: shared handles to the agent's parts.
+#[derive(Clone)]
+pub struct AgentState {
+    pub gateway: String,
+    pub started: Instant,
+    pub journal: Arc<Mutex<Journal>>,
+    pub targets: Vec<String>,
+    pub writer: Arc<WriterStats>,
+    pub serial_links: Vec<(String, Arc<LinkStats>)>,
+    pub modbus_pollers: Vec<(String, PollerStats)>,
+    /// Set when the journal was found corrupt at start and moved aside: readings were lost.
+    pub journal_moved_aside: Option<String>,
+}
+
+pub fn router(state: AgentState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub gateway: String,
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub journal: JournalStatus,
+    pub serial_links: Vec<LinkStatus>,
+    pub modbus_lines: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct JournalStatus {
+    pub next_seq: u64,
+    pub readings_held: u64,
+    pub held_bytes: u64,
+    pub size_on_disk: u64,
+    pub backlog: Vec<(String, u64)>,
+    pub stats: JournalStats,
+    pub moved_aside: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct LinkStatus {
+    pub port: String,
+    pub opens: u64,
+    pub frames_in: u64,
+    pub readings: u64,
+    pub frame_errors: u64,
+}
+
+fn journal_status(state: &AgentState) -> JournalStatus {
+    let journal = state.journal.lock().unwrap_or_else(|e| e.into_inner());
+    JournalStatus {
+        next_seq: journal.next_seq(),
+        readings_held: journal.readings_held(),
+        held_bytes: journal.held_bytes(),
+        size_on_disk: journal.size_on_disk(),
+        backlog: state
+            .targets
+            .iter()
+            .map(|t| (t.clone(), journal.backlog(t).unwrap_or(0)))
+            .collect(),
+        stats: journal.stats(),
+        moved_aside: state.journal_moved_aside.clone(),
+    }
+}
+
+async fn status(State(state): State<AgentState>) -> Json<Status> {
+    let journal = journal_status(&state);
+    Json(Status {
+        gateway: state.gateway.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: state.started.elapsed().as_secs(),
+        journal,
+        serial_links: state
+            .serial_links
+            .iter()
+            .map(|(port, stats)| LinkStatus {
+                port: port.clone(),
+                opens: stats.opens.load(Relaxed),
+                frames_in: stats.session.frames_in.load(Relaxed),
+                readings: stats.session.readings_delivered.load(Relaxed),
+                frame_errors: stats.session.frame_errors.load(Relaxed),
+            })
+            .collect(),
+        modbus_lines: state
+            .modbus_pollers
+            .iter()
+            .map(|(port, _)| port.clone())
+            .collect(),
+    })
+}
+
+async fn metrics(State(state): State<AgentState>) -> impl IntoResponse {
+    let journal = journal_status(&state);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(
+            out,
+            "# HELP fieldgate_{name} {help}\n# TYPE fieldgate_{name} {kind}"
+        );
+        for (labels, value) in samples {
+            let _ = writeln!(out, "fieldgate_{name}{labels} {value}");
+        }
+    };
+    let one = |value: u64| vec![(String::new(), value)];
+    let writer = &state.writer;
+    metric(
+        "readings_received_total",
+        "counter",
+        "Readings handed to the journal writer.",
+        &one(writer.readings_in.load(Relaxed)),
+    );
+    metric(
+        "readings_durable_total",
+        "counter",
+        "Readings flushed to the journal.",
+        &one(writer.readings_durable.load(Relaxed)),
+    );
+    metric(
+        "journal_refused_full_total",
+        "counter",
+        "Readings refused because the journal was full (push-back policy).",
+        &one(writer.refused_full.load(Relaxed)),
+    );
+    metric(
+        "journal_write_failures_total",
+        "counter",
+        "Journal appends or flushes that failed.",
+        &one(writer.failures.load(Relaxed)),
+    );
+    metric(
+        "journal_group_commits_total",
+        "counter",
+        "Group commits (append and flush).",
+        &one(writer.groups.load(Relaxed)),
+    );
+    metric(
+        "journal_flush_micros_max",
+        "gauge",
+        "Longest append-and-flush, in microseconds.",
+        &one(writer.flush_micros_max.load(Relaxed)),
+    );
+    metric(
+        "journal_flush_micros_sum",
+        "counter",
+        "Total append-and-flush time, in microseconds.",
+        &one(writer.flush_micros_sum.load(Relaxed)),
+    );
+    metric(
+        "journal_readings_held",
+        "gauge",
+        "Readings on disk not yet acknowledged by every target.",
+        &one(journal.readings_held),
+    );
+    metric(
+        "journal_bytes_held",
+        "gauge",
+        "Encoded bytes of the readings held.",
+        &one(journal.held_bytes),
+    );
+    metric(
+        "journal_size_on_disk_bytes",
+        "gauge",
+        "The journal's files on disk.",
+        &one(journal.size_on_disk),
+    );
+    metric(
+        "journal_dropped_for_quota_total",
+        "counter",
+        "Readings dropped unsent by the drop-oldest policy.",
+        &one(journal.stats.readings_dropped_for_quota),
+    );
+    let backlog: Vec<(String, u64)> = journal
+        .backlog
+        .iter()
+        .map(|(target, n)| (format!("{{target=\"{target}\"}}"), *n))
+        .collect();
+    metric(
+        "journal_backlog_readings",
+        "gauge",
+        "Readings a target has not acknowledged.",
+        &backlog,
+    );
+    let per_link = |read: fn(&LinkStats) -> u64| -> Vec<(String, u64)> {
+        state
+            .serial_links
+            .iter()
+            .map(|(port, stats)| (format!("{{port=\"{port}\"}}"), read(stats)))
+            .collect()
+    };
+    metric(
+        "serial_frames_total",
+        "counter",
+        "Valid frames received per serial port.",
+        &per_link(|s| s.session.frames_in.load(Relaxed)),
+    );
+    metric(
+        "serial_frame_errors_total",
+        "counter",
+        "Damaged or refused frames per serial port.",
+        &per_link(|s| s.session.frame_errors.load(Relaxed)),
+    );
+    metric(
+        "serial_duplicates_total",
+        "counter",
+        "Resent frames recognised per serial port.",
+        &per_link(|s| s.session.duplicates.load(Relaxed)),
+    );
+    metric(
+        "serial_link_failures_total",
+        "counter",
+        "Serial links lost per port.",
+        &per_link(|s| s.link_failures.load(Relaxed)),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

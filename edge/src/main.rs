@@ -1,0 +1,101 @@
+//! `fieldgate-edge`: the gateway agent's command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fieldgate_edge::config::EdgeConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "fieldgate-edge",
+    version,
+    about = "The Fieldgate gateway agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM or Ctrl-C.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and say what is wrong with it, without running anything.
+    CheckConfig { config: PathBuf },
+    /// Print a running agent's status (from its local HTTP API).
+    Status {
+        /// The agent's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:7780")]
+        http: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => {
+            let config = EdgeConfig::load(&config)?;
+            println!(
+                "ok: gateway {}, {} serial port(s), {} Modbus line(s), targets {}",
+                config.gateway.id,
+                config.serial.len(),
+                config.modbus_pollers.len(),
+                config
+                    .targets
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let config = EdgeConfig::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(fieldgate_edge::agent::run(config, shutdown_signal()))
+        }
+        Command::Status { http } => {
+            let body = http_get(&http, "/status")?;
+            println!("{body}");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// A minimal HTTP/1.0 GET for the loopback status API, so the CLI needs no HTTP client.
+fn http_get(address: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)
+        .with_context(|| format!("connecting to the agent at {address} (is it running?)"))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "agent answered: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_owned())
+}
