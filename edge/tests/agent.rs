@@ -1,0 +1,256 @@
+//! The agent binary with simulated serial devices on pseudo-terminals: readings reach the
+//! journal, the local API reports them, and `kill -9` at random moments never loses a reading
+//! that a device saw acknowledged.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fieldgate_edge::journal::{Journal, JournalConfig, OverflowPolicy};
+use fieldgate_firmware_bridge::sim_serial::{spawn_devices, DeviceConfig, SerialFleet};
+use fieldgate_shared::generate::Rng;
+use fieldgate_shared::Reading;
+
+const DEVICES: usize = 3;
+
+struct Agent {
+    child: Child,
+    http: String,
+}
+
+impl Agent {
+    fn start(config: &Path, http: &str) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_fieldgate-edge"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the agent starts");
+        Agent {
+            child,
+            http: http.to_owned(),
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let mut stream = std::net::TcpStream::connect(&self.http).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET /status HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
+    }
+
+    fn next_seq(&self) -> Option<u64> {
+        self.status()?["journal"]["next_seq"].as_u64()
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "the agent exits cleanly on SIGTERM: {status}"
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Simulated devices sampling every 20 ms; their gateway ends stay open (unread) so the ptys
+/// stay up while the agent comes and goes.
+fn devices() -> (SerialFleet, Vec<Option<tokio_serial::SerialStream>>) {
+    let mut fleet = spawn_devices(DEVICES, |i| {
+        let mut config = DeviceConfig::for_index(i);
+        config.sample_interval_ms = 20;
+        config.retransmit_initial_ms = 100;
+        config.retransmit_max_ms = 500;
+        config.link_timeout_ms = 1_000;
+        config
+    })
+    .expect("pseudo-terminals");
+    let held = fleet
+        .devices
+        .iter_mut()
+        .map(|d| d.gateway_end.take())
+        .collect();
+    (fleet, held)
+}
+
+fn write_config(dir: &Path, fleet: &SerialFleet, http: &str) -> std::path::PathBuf {
+    let mut text = format!(
+        "[gateway]\nid = \"gw-test\"\ndata_dir = {:?}\n\n[journal]\nflush_interval_ms = 5\n\n[http]\nlisten = \"{http}\"\n",
+        dir.join("data").display().to_string()
+    );
+    for device in &fleet.devices {
+        text += &format!(
+            "\n[[serial]]\npath = {:?}\n",
+            device.path.display().to_string()
+        );
+    }
+    let path = dir.join("edge.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn journal_readings(dir: &Path) -> Vec<Reading> {
+    let (mut journal, report) = Journal::open(JournalConfig {
+        path: dir.join("data").join("journal"),
+        targets: vec!["cloud".into()],
+        quota_bytes: u64::MAX,
+        overflow: OverflowPolicy::PushBack,
+        compaction_slack_bytes: u64::MAX,
+    })
+    .unwrap();
+    assert_eq!(report.moved_aside, None, "the journal survived");
+    journal
+        .read_from(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+fn key(r: &Reading) -> (String, String, i64) {
+    (r.device.to_string(), r.metric.to_string(), r.ts_ms)
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < deadline,
+            "{what} did not happen within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_devices_reach_the_journal_and_the_status_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _held) = devices();
+    let http = format!("127.0.0.1:{}", free_port());
+    let config = write_config(dir.path(), &fleet, &http);
+    let agent = Agent::start(&config, &http);
+    wait_until(
+        "readings reach the journal",
+        Duration::from_secs(20),
+        || agent.next_seq().unwrap_or(0) > 300,
+    )
+    .await;
+    let status = agent.status().unwrap();
+    assert_eq!(status["gateway"], "gw-test");
+    assert_eq!(status["serial_links"].as_array().unwrap().len(), DEVICES);
+    let metrics = {
+        let mut stream = std::net::TcpStream::connect(&http).unwrap();
+        write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(
+        metrics.contains("fieldgate_readings_durable_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fieldgate_journal_backlog_readings{target=\"cloud\"}"));
+    agent.terminate();
+
+    let devices = fleet.shutdown().await;
+    let stored: HashSet<_> = journal_readings(dir.path()).iter().map(key).collect();
+    for device in &devices {
+        for reading in device.acked_readings() {
+            assert!(
+                stored.contains(&key(reading)),
+                "acknowledged but not journaled: {reading:?}"
+            );
+        }
+    }
+}
+
+/// At least 200 kill points: the agent is killed with SIGKILL at a random moment (5 to 150 ms
+/// after it is back to ingesting), restarted, and must be ingesting again within 5 s; at the end
+/// every reading any device saw acknowledged is in the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_no_acknowledged_reading() {
+    let kill_points: usize = std::env::var("FIELDGATE_KILL_POINTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200);
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _held) = devices();
+    let http = format!("127.0.0.1:{}", free_port());
+    let config = write_config(dir.path(), &fleet, &http);
+    let mut rng = Rng::new(99);
+    let mut agent = Agent::start(&config, &http);
+    for _ in 0..kill_points {
+        // Back to ingesting: the journal grows.
+        let mut before = None;
+        wait_until(
+            "the agent ingests again",
+            Duration::from_secs(5),
+            || match (agent.next_seq(), before) {
+                (Some(seq), None) => {
+                    before = Some(seq);
+                    false
+                }
+                (Some(seq), Some(first)) => seq > first,
+                (None, _) => false,
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(5 + rng.next_u64() % 145)).await;
+        agent.kill_9();
+        agent = Agent::start(&config, &http);
+    }
+    // A last clean stop, so that what the devices saw acknowledged last is on disk for sure.
+    wait_until("the agent ingests again", Duration::from_secs(5), || {
+        agent.next_seq().is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.terminate();
+    let devices = fleet.shutdown().await;
+
+    let journaled = journal_readings(dir.path());
+    let stored: HashSet<_> = journaled.iter().map(key).collect();
+    let mut acked = 0;
+    for device in &devices {
+        for reading in device.acked_readings() {
+            acked += 1;
+            assert!(
+                stored.contains(&key(reading)),
+                "acknowledged but lost: {reading:?}"
+            );
+        }
+    }
+    assert!(acked > 1_000, "only {acked} readings acknowledged");
+    eprintln!(
+        "{kill_points} kill points: {acked} readings acknowledged, {} journaled ({} distinct)",
+        journaled.len(),
+        stored.len()
+    );
+}
