@@ -10,6 +10,7 @@ use fieldgate_firmware_bridge::session::SessionConfig;
 use fieldgate_firmware_bridge::transport::{run_serial_link, Backoff, LinkStats};
 use tokio::sync::{mpsc, watch};
 
+use crate::clean::Pipeline;
 use crate::config::EdgeConfig;
 use crate::http::{router, AgentState};
 use crate::journal::{Journal, JournalConfig};
@@ -50,8 +51,12 @@ pub async fn run(
         interval: Duration::from_millis(config.journal.flush_interval_ms),
         max_readings: config.journal.flush_max_readings,
     };
+    let pipeline = Pipeline::new(&config.clean)
+        .map_err(|err| anyhow::anyhow!("{}: {}", err.key, err.reason))?;
+    let pipeline = Arc::new(Mutex::new(pipeline));
     let writer = tokio::spawn(run_writer(
         journal.clone(),
+        pipeline.clone(),
         input,
         group_commit,
         writer_stats.clone(),
@@ -126,6 +131,7 @@ pub async fn run(
         gateway: config.gateway.id.to_string(),
         started: Instant::now(),
         journal: journal.clone(),
+        pipeline,
         targets,
         writer: writer_stats,
         serial_links,

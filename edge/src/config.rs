@@ -31,6 +31,9 @@ pub struct EdgeConfig {
     /// The Modbus pollers, loaded from `modbus` when the file is loaded.
     #[serde(skip)]
     pub modbus_pollers: Vec<PollerConfig>,
+    /// The cleaning pipeline between ingress and the journal (see `edge/clean-example.toml`).
+    #[serde(default)]
+    pub clean: crate::clean::CleanConfig,
     /// The cloud targets whose cursors the journal keeps (the uplink that sends to them is a
     /// separate component).
     #[serde(default = "default_targets")]
@@ -212,6 +215,8 @@ impl EdgeConfig {
                 ));
             }
         }
+        crate::clean::Pipeline::new(&self.clean)
+            .map_err(|err| invalid(err.key.clone(), err.reason.clone()))?;
         for (i, port) in self.serial.iter().enumerate() {
             port.validate()
                 .map_err(|err| invalid(format!("serial[{i}]"), err.to_string()))?;

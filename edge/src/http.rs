@@ -14,6 +14,7 @@ use fieldgate_firmware_bridge::modbus::PollerStats;
 use fieldgate_firmware_bridge::transport::LinkStats;
 use serde::Serialize;
 
+use crate::clean::{Flag, Pipeline, QuarantineSnapshot, Reason};
 use crate::journal::{Journal, JournalStats};
 use crate::writer::WriterStats;
 
@@ -23,6 +24,7 @@ pub struct AgentState {
     pub gateway: String,
     pub started: Instant,
     pub journal: Arc<Mutex<Journal>>,
+    pub pipeline: Arc<Mutex<Pipeline>>,
     pub targets: Vec<String>,
     pub writer: Arc<WriterStats>,
     pub serial_links: Vec<(String, Arc<LinkStats>)>,
@@ -36,6 +38,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/quarantine", get(quarantine))
         .with_state(state)
 }
 
@@ -112,8 +115,31 @@ async fn status(State(state): State<AgentState>) -> Json<Status> {
     })
 }
 
+#[derive(serde::Deserialize)]
+struct QuarantineQuery {
+    limit: Option<usize>,
+}
+
+/// The newest rejected readings (default 100), read-only.
+async fn quarantine(
+    State(state): State<AgentState>,
+    axum::extract::Query(query): axum::extract::Query<QuarantineQuery>,
+) -> Json<QuarantineSnapshot> {
+    let pipeline = state.pipeline.lock().unwrap_or_else(|e| e.into_inner());
+    Json(
+        pipeline
+            .quarantine()
+            .snapshot_newest(query.limit.unwrap_or(100).min(10_000)),
+    )
+}
+
 async fn metrics(State(state): State<AgentState>) -> impl IntoResponse {
     let journal = journal_status(&state);
+    let cleaning = state
+        .pipeline
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .counters();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(
@@ -202,6 +228,48 @@ async fn metrics(State(state): State<AgentState>) -> impl IntoResponse {
         "gauge",
         "Readings a target has not acknowledged.",
         &backlog,
+    );
+    metric(
+        "clean_input_total",
+        "counter",
+        "Readings into the cleaning pipeline.",
+        &one(cleaning.input),
+    );
+    metric(
+        "clean_accepted_total",
+        "counter",
+        "Readings the cleaning pipeline accepted.",
+        &one(cleaning.accepted),
+    );
+    let rejected: Vec<(String, u64)> = Reason::ALL
+        .iter()
+        .map(|&reason| {
+            (
+                format!("{{reason=\"{}\"}}", reason.as_str()),
+                cleaning.rejected_by(reason),
+            )
+        })
+        .collect();
+    metric(
+        "clean_rejected_total",
+        "counter",
+        "Readings rejected (and quarantined) by reason.",
+        &rejected,
+    );
+    let flagged: Vec<(String, u64)> = Flag::ALL
+        .iter()
+        .map(|&flag| {
+            (
+                format!("{{flag=\"{}\"}}", flag.as_str()),
+                cleaning.flagged_by(flag),
+            )
+        })
+        .collect();
+    metric(
+        "clean_flagged_total",
+        "counter",
+        "Readings accepted as uncertain, by flag.",
+        &flagged,
     );
     let per_link = |read: fn(&LinkStats) -> u64| -> Vec<(String, u64)> {
         state

@@ -10,6 +10,7 @@ use fieldgate_firmware_bridge::session::CommitOutcome;
 use fieldgate_shared::Reading;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clean::{Outcome, Pipeline};
 use crate::journal::{Journal, JournalError};
 
 /// Readings from one ingress message, and where to say whether they are durable (`None` for
@@ -42,8 +43,11 @@ pub struct WriterStats {
 }
 
 /// Runs until every sender of `input` is gone, then returns after the last group is durable.
+/// Every reading goes through the cleaning `pipeline` first: what it rejects is counted and kept
+/// in its quarantine, never journaled, and still acknowledged (resending would not change it).
 pub async fn run_writer(
     journal: Arc<Mutex<Journal>>,
+    pipeline: Arc<Mutex<Pipeline>>,
     mut input: mpsc::Receiver<JournalInput>,
     group_commit: GroupCommit,
     stats: Arc<WriterStats>,
@@ -60,7 +64,17 @@ pub async fn run_writer(
             }
         }
         stats.readings_in.fetch_add(readings.len() as u64, Relaxed);
-        let group = std::mem::take(&mut readings);
+        let received_ms = now_unix_ms();
+        let group: Vec<Reading> = {
+            let mut pipeline = pipeline.lock().unwrap_or_else(|e| e.into_inner());
+            readings
+                .drain(..)
+                .filter_map(|reading| match pipeline.process(reading, received_ms) {
+                    Outcome::Accepted { reading, .. } => Some(reading),
+                    Outcome::Rejected(_) => None,
+                })
+                .collect()
+        };
         let n = group.len() as u64;
         let journal = journal.clone();
         let started = Instant::now();
@@ -72,8 +86,7 @@ pub async fn run_writer(
         })
         .await
         .expect("the journal task does not panic");
-        readings = group;
-        readings.clear();
+        drop(group);
         let outcome = match result {
             Ok(()) => {
                 let micros = started.elapsed().as_micros() as u64;
@@ -97,6 +110,12 @@ pub async fn run_writer(
             let _ = commit.send(outcome);
         }
     }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn take(

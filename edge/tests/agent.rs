@@ -45,6 +45,15 @@ impl Agent {
         serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
     }
 
+    fn get(&self, path: &str) -> Option<String> {
+        let mut stream = std::net::TcpStream::connect(&self.http).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response.split_once("\r\n\r\n")?.1.to_owned())
+    }
+
     fn next_seq(&self) -> Option<u64> {
         self.status()?["journal"]["next_seq"].as_u64()
     }
@@ -101,10 +110,20 @@ fn devices() -> (SerialFleet, Vec<Option<tokio_serial::SerialStream>>) {
 }
 
 fn write_config(dir: &Path, fleet: &SerialFleet, http: &str) -> std::path::PathBuf {
+    write_config_with(dir, fleet, http, "")
+}
+
+fn write_config_with(
+    dir: &Path,
+    fleet: &SerialFleet,
+    http: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let mut text = format!(
         "[gateway]\nid = \"gw-test\"\ndata_dir = {:?}\n\n[journal]\nflush_interval_ms = 5\n\n[http]\nlisten = \"{http}\"\n",
         dir.join("data").display().to_string()
     );
+    text += extra;
     for device in &fleet.devices {
         text += &format!(
             "\n[[serial]]\npath = {:?}\n",
@@ -253,4 +272,39 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_reading() {
         journaled.len(),
         stored.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_readings_are_quarantined_counted_and_not_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _held) = devices();
+    let http = format!("127.0.0.1:{}", free_port());
+    // Humidity above 0 % is "out of range" here: every humidity reading is rejected.
+    let rule = "\n[[clean.range.rules]]\nmetric = \"humidity\"\nmax = 0.0\n";
+    let config = write_config_with(dir.path(), &fleet, &http, rule);
+    let agent = Agent::start(&config, &http);
+    wait_until(
+        "readings reach the journal",
+        Duration::from_secs(20),
+        || agent.next_seq().unwrap_or(0) > 300,
+    )
+    .await;
+    let quarantine: serde_json::Value =
+        serde_json::from_str(&agent.get("/quarantine?limit=5").unwrap()).unwrap();
+    let entries = quarantine["entries"].as_array().unwrap();
+    assert!(!entries.is_empty() && entries.len() <= 5, "{quarantine}");
+    assert_eq!(entries[0]["reading"]["metric"], "humidity", "{quarantine}");
+    let metrics = agent.get("/metrics").unwrap();
+    let above_max = metrics
+        .lines()
+        .find(|l| l.starts_with("fieldgate_clean_rejected_total{reason=\"above_max\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(above_max > 10, "{metrics}");
+    agent.terminate();
+    let _ = fleet.shutdown().await;
+    let journaled = journal_readings(dir.path());
+    assert!(!journaled.is_empty());
+    assert!(journaled.iter().all(|r| r.metric.as_str() != "humidity"));
 }
