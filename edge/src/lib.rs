@@ -8,6 +8,7 @@
 //! - [`agent`]: builds and runs the parts, and stops them in order.
 //! - [`writer`]: the journal writer: group commits, and the durable-commit answers to ingress.
 //! - [`http`]: the local HTTP API (`/healthz`, `/metrics`, `/status`).
+//! - [`supervise`]: restarts a failed ingress task with backoff.
 //! - [`journal`]: the durable journal on sled: sequence numbers, group-committed chunks, a
 //!   cursor per cloud target, the disk quota and its overflow policy, corruption recovery.
 
@@ -16,4 +17,5 @@ pub mod clean;
 pub mod config;
 pub mod http;
 pub mod journal;
+pub mod supervise;
 pub mod writer;

@@ -1,0 +1,160 @@
+//! The journal writer under load with a journal that reaches its quota: each overflow policy
+//! holds, every sender hears the truth, and the counters say what happened.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fieldgate_edge::clean::{CleanConfig, Pipeline};
+use fieldgate_edge::journal::{Journal, JournalConfig, OverflowPolicy};
+use fieldgate_edge::writer::{run_writer, GroupCommit, JournalInput, WriterStats};
+use fieldgate_firmware_bridge::session::CommitOutcome;
+use fieldgate_shared::generate::{FleetConfig, SensorFleet};
+use fieldgate_shared::Reading;
+use tokio::sync::{mpsc, oneshot};
+
+struct Run {
+    outcomes: Vec<(Vec<Reading>, CommitOutcome)>,
+    journal: Arc<Mutex<Journal>>,
+    stats: Arc<WriterStats>,
+    _dir: tempfile::TempDir,
+}
+
+/// 400 messages of 50 readings from 8 senders at once into a journal with a 40 kB quota.
+async fn run(policy: OverflowPolicy) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(JournalConfig {
+        path: dir.path().join("journal"),
+        targets: vec!["cloud".into()],
+        quota_bytes: 40_000,
+        overflow: policy,
+        compaction_slack_bytes: 1 << 20,
+    })
+    .unwrap();
+    let journal = Arc::new(Mutex::new(journal));
+    // The generated readings are from January: no clock-skew correction of them here.
+    let clean: CleanConfig = toml::from_str("[skew.defaults]\nenabled = false\n").unwrap();
+    let pipeline = Arc::new(Mutex::new(Pipeline::new(&clean).unwrap()));
+    let stats = Arc::new(WriterStats::default());
+    let (input_tx, input) = mpsc::channel(64);
+    let writer = tokio::spawn(run_writer(
+        journal.clone(),
+        pipeline,
+        input,
+        GroupCommit {
+            interval: Duration::from_millis(2),
+            max_readings: 500,
+        },
+        stats.clone(),
+    ));
+    let readings: Vec<Reading> = SensorFleet::new(FleetConfig {
+        devices: 8,
+        ..FleetConfig::default()
+    })
+    .take(20_000)
+    .collect();
+    let mut senders = Vec::new();
+    for (sender, share) in readings.chunks(2_500).enumerate() {
+        let input_tx = input_tx.clone();
+        let share = share.to_vec();
+        senders.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for message in share.chunks(50) {
+                let (commit, outcome) = oneshot::channel();
+                input_tx
+                    .send(JournalInput {
+                        readings: message.to_vec(),
+                        commit: Some(commit),
+                    })
+                    .await
+                    .unwrap();
+                outcomes.push((message.to_vec(), outcome.await.unwrap()));
+            }
+            let _ = sender;
+            outcomes
+        }));
+    }
+    drop(input_tx);
+    let mut outcomes = Vec::new();
+    for sender in senders {
+        outcomes.extend(sender.await.unwrap());
+    }
+    writer.await.unwrap();
+    Run {
+        outcomes,
+        journal,
+        stats,
+        _dir: dir,
+    }
+}
+
+fn journaled(journal: &Arc<Mutex<Journal>>) -> Vec<Reading> {
+    let mut journal = journal.lock().unwrap();
+    journal
+        .read_from(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_back_refuses_what_does_not_fit_and_loses_nothing_it_accepted() {
+    let run = run(OverflowPolicy::PushBack).await;
+    let durable: Vec<&Reading> = run
+        .outcomes
+        .iter()
+        .filter(|(_, outcome)| *outcome == CommitOutcome::Durable)
+        .flat_map(|(readings, _)| readings)
+        .collect();
+    let busy = run
+        .outcomes
+        .iter()
+        .filter(|(_, outcome)| *outcome == CommitOutcome::Busy)
+        .count();
+    assert!(busy > 0, "the quota must be reached");
+    assert!(!durable.is_empty());
+    assert!(run.stats.refused_full.load(Relaxed) > 0);
+    let journal = run.journal.lock().unwrap();
+    assert!(journal.held_bytes() <= 40_000);
+    assert_eq!(journal.stats().readings_dropped_for_quota, 0);
+    drop(journal);
+    let stored = journaled(&run.journal);
+    // Everything a sender was told is durable is there, and nothing else (the cleaning
+    // pipeline may have lowered a reading's quality to Uncertain, nothing more).
+    assert_eq!(stored.len(), durable.len());
+    let key = |r: &Reading| {
+        (
+            r.device.clone(),
+            r.metric.clone(),
+            r.ts_ms,
+            format!("{:?}", r.value),
+        )
+    };
+    let stored: std::collections::HashSet<_> = stored.iter().map(key).collect();
+    for reading in durable {
+        assert!(
+            stored.contains(&key(reading)),
+            "{reading:?} is not in the journal"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_accepts_everything_and_counts_what_it_dropped() {
+    let run = run(OverflowPolicy::DropOldest).await;
+    assert!(run
+        .outcomes
+        .iter()
+        .all(|(_, outcome)| *outcome == CommitOutcome::Durable));
+    assert_eq!(run.stats.readings_durable.load(Relaxed), 20_000);
+    let journal = run.journal.lock().unwrap();
+    let stats = journal.stats();
+    assert!(journal.held_bytes() <= 40_000);
+    assert!(stats.readings_dropped_for_quota > 0);
+    assert_eq!(
+        stats.readings_dropped_for_quota + journal.readings_held(),
+        20_000,
+        "every reading is either held or counted as dropped"
+    );
+}
