@@ -6,14 +6,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fieldgate_firmware_bridge::modbus::spawn_poller;
-use fieldgate_firmware_bridge::session::SessionConfig;
+use fieldgate_firmware_bridge::session::{DeviceBatch, SessionConfig};
 use fieldgate_firmware_bridge::transport::{run_serial_link, Backoff, LinkStats};
 use tokio::sync::{mpsc, watch};
 
 use crate::clean::Pipeline;
 use crate::config::EdgeConfig;
 use crate::http::{router, AgentState};
+use crate::ingress::mqtt::MqttIngress;
 use crate::journal::{Journal, JournalConfig};
+use crate::supervise::{supervise, Restarts};
 use crate::writer::{run_writer, GroupCommit, JournalInput, WriterStats};
 
 /// Runs the agent until `shutdown` resolves; returns once everything received is durable.
@@ -64,34 +66,70 @@ pub async fn run(
 
     let mut ingress = Vec::new();
     let mut serial_links = Vec::new();
+    let (batches_tx, mut batches) = mpsc::channel::<DeviceBatch>(256);
+    let mut restarts = Vec::new();
     for port in &config.serial {
         let stats = Arc::new(LinkStats::default());
         serial_links.push((port.path.clone(), stats.clone()));
-        let (batches_tx, mut batches) = mpsc::channel(64);
-        // No operator requests yet: the control link that brings them is a later component.
-        let (_, requests) = mpsc::channel(1);
-        ingress.push(tokio::spawn(run_serial_link(
-            port.clone(),
-            SessionConfig::default(),
-            Backoff::default(),
-            batches_tx,
-            requests,
-            stats,
+        let port_restarts = Arc::new(Restarts::default());
+        restarts.push((port.path.clone(), port_restarts.clone()));
+        let (port, batches_tx, link_stop) = (port.clone(), batches_tx.clone(), stop.clone());
+        // The link reopens its port by itself; the supervisor restarts it if it panics.
+        ingress.push(tokio::spawn(supervise(
+            "serial link",
+            move || {
+                // No operator requests yet: the control link that brings them comes later.
+                let (_, requests) = mpsc::channel(1);
+                let link = run_serial_link(
+                    port.clone(),
+                    SessionConfig::default(),
+                    Backoff::default(),
+                    batches_tx.clone(),
+                    requests,
+                    stats.clone(),
+                    link_stop.clone(),
+                );
+                async move {
+                    link.await;
+                    Ok::<(), std::convert::Infallible>(())
+                }
+            },
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            port_restarts,
             stop.clone(),
         )));
-        let input_tx = input_tx.clone();
+    }
+    let mut mqtt = None;
+    if let Some(mqtt_config) = &config.mqtt {
+        let listener = MqttIngress::bind(mqtt_config.clone())
+            .await
+            .context("starting the MQTT ingress")?;
+        mqtt = Some(listener.stats());
+        let (sink, mut stop) = (batches_tx.clone(), stop.clone());
         ingress.push(tokio::spawn(async move {
-            while let Some(batch) = batches.recv().await {
-                let input = JournalInput {
-                    readings: batch.readings,
-                    commit: Some(batch.commit),
-                };
-                if input_tx.send(input).await.is_err() {
-                    break;
-                }
+            let stopped = async move {
+                let _ = stop.wait_for(|&s| s).await;
+            };
+            if let Err(err) = listener.run(sink, stopped).await {
+                tracing::error!(error = %err, "MQTT ingress stopped");
             }
         }));
     }
+    drop(batches_tx);
+    // Serial and MQTT batches carry a commit: their devices are acknowledged once durable.
+    let serial_and_mqtt_input = input_tx.clone();
+    ingress.push(tokio::spawn(async move {
+        while let Some(batch) = batches.recv().await {
+            let input = JournalInput {
+                readings: batch.readings,
+                commit: Some(batch.commit),
+            };
+            if serial_and_mqtt_input.send(input).await.is_err() {
+                break;
+            }
+        }
+    }));
 
     let mut modbus_pollers = Vec::new();
     for poller in &config.modbus_pollers {
@@ -135,6 +173,8 @@ pub async fn run(
         targets,
         writer: writer_stats,
         serial_links,
+        serial_restarts: restarts,
+        mqtt,
         modbus_pollers,
         journal_moved_aside: report.moved_aside.map(|p| p.display().to_string()),
     };

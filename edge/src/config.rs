@@ -31,6 +31,9 @@ pub struct EdgeConfig {
     /// The Modbus pollers, loaded from `modbus` when the file is loaded.
     #[serde(skip)]
     pub modbus_pollers: Vec<PollerConfig>,
+    /// The local MQTT listener for devices (see `edge/src/ingress/mqtt`): absent, no MQTT.
+    #[serde(default)]
+    pub mqtt: Option<crate::ingress::mqtt::MqttIngressConfig>,
     /// The cleaning pipeline between ingress and the journal (see `edge/clean-example.toml`).
     #[serde(default)]
     pub clean: crate::clean::CleanConfig,

@@ -15,7 +15,9 @@ use fieldgate_firmware_bridge::transport::LinkStats;
 use serde::Serialize;
 
 use crate::clean::{Flag, Pipeline, QuarantineSnapshot, Reason};
+use crate::ingress::mqtt::{MqttIngressSnapshot, MqttIngressStats};
 use crate::journal::{Journal, JournalStats};
+use crate::supervise::Restarts;
 use crate::writer::WriterStats;
 
 /// What the HTTP handlers read: shared handles to the agent's parts.
@@ -28,6 +30,8 @@ pub struct AgentState {
     pub targets: Vec<String>,
     pub writer: Arc<WriterStats>,
     pub serial_links: Vec<(String, Arc<LinkStats>)>,
+    pub serial_restarts: Vec<(String, Arc<Restarts>)>,
+    pub mqtt: Option<Arc<MqttIngressStats>>,
     pub modbus_pollers: Vec<(String, PollerStats)>,
     /// Set when the journal was found corrupt at start and moved aside: readings were lost.
     pub journal_moved_aside: Option<String>,
@@ -50,6 +54,7 @@ pub struct Status {
     pub journal: JournalStatus,
     pub serial_links: Vec<LinkStatus>,
     pub modbus_lines: Vec<String>,
+    pub mqtt: Option<MqttIngressSnapshot>,
 }
 
 #[derive(Serialize)]
@@ -112,6 +117,7 @@ async fn status(State(state): State<AgentState>) -> Json<Status> {
             .iter()
             .map(|(port, _)| port.clone())
             .collect(),
+        mqtt: state.mqtt.as_ref().map(|stats| stats.snapshot()),
     })
 }
 
@@ -302,5 +308,45 @@ async fn metrics(State(state): State<AgentState>) -> impl IntoResponse {
         "Serial links lost per port.",
         &per_link(|s| s.link_failures.load(Relaxed)),
     );
+    let restarts: Vec<(String, u64)> = state
+        .serial_restarts
+        .iter()
+        .map(|(port, n)| (format!("{{port=\"{port}\"}}"), n.0.load(Relaxed)))
+        .collect();
+    metric(
+        "serial_link_restarts_total",
+        "counter",
+        "Serial link tasks restarted after a panic.",
+        &restarts,
+    );
+    if let Some(mqtt) = &state.mqtt {
+        // Every numeric counter of the MQTT ingress, flattened from its snapshot.
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(mqtt.snapshot()) {
+            let mut flat = Vec::new();
+            flatten("mqtt", &serde_json::Value::Object(fields), &mut flat);
+            for (name, value) in flat {
+                let _ = writeln!(
+                    out,
+                    "# TYPE fieldgate_{name} gauge\nfieldgate_{name} {value}"
+                );
+            }
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, u64)>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, value) in fields {
+                flatten(&format!("{prefix}_{key}"), value, out);
+            }
+        }
+        serde_json::Value::Number(n) => {
+            if let Some(n) = n.as_u64() {
+                out.push((prefix.to_owned(), n));
+            }
+        }
+        _ => {}
+    }
 }

@@ -7,6 +7,7 @@
 //! - [`config`]: the agent's TOML configuration.
 //! - [`agent`]: builds and runs the parts, and stops them in order.
 //! - [`writer`]: the journal writer: group commits, and the durable-commit answers to ingress.
+//! - [`ingress`]: device ingress; [`ingress::mqtt`] is the local MQTT listener and embedded broker.
 //! - [`http`]: the local HTTP API (`/healthz`, `/metrics`, `/status`).
 //! - [`supervise`]: restarts a failed ingress task with backoff.
 //! - [`journal`]: the durable journal on sled: sequence numbers, group-committed chunks, a
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod clean;
 pub mod config;
 pub mod http;
+pub mod ingress;
 pub mod journal;
 pub mod supervise;
 pub mod writer;

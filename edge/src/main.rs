@@ -26,6 +26,9 @@ enum Command {
     },
     /// Check a configuration file and say what is wrong with it, without running anything.
     CheckConfig { config: PathBuf },
+    /// Hash a device's MQTT password (argon2id) for its `password_hash` in the configuration.
+    /// Reads the password from standard input, so it stays out of the shell history.
+    HashPassword,
     /// Print a running agent's status (from its local HTTP API).
     Status {
         /// The agent's HTTP address.
@@ -57,12 +60,28 @@ fn main() -> Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
+                        .unwrap_or_else(|_| "info,rumqttd=warn".into()),
                 )
                 .init();
             let config = EdgeConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(fieldgate_edge::agent::run(config, shutdown_signal()))
+        }
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(
+                password.len() >= 12,
+                "use a password of at least 12 characters"
+            );
+            println!(
+                "{}",
+                fieldgate_edge::ingress::mqtt::hash_password(password)?
+            );
+            Ok(())
         }
         Command::Status { http } => {
             let body = http_get(&http, "/status")?;

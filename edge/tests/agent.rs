@@ -308,3 +308,56 @@ async fn rejected_readings_are_quarantined_counted_and_not_journaled() {
     assert!(!journaled.is_empty());
     assert!(journaled.iter().all(|r| r.metric.as_str() != "humidity"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_devices_are_acknowledged_once_their_readings_are_journaled() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _held) = devices();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mqtt_port = free_port();
+    let hash = fieldgate_edge::ingress::mqtt::hash_password("a-long-device-password").unwrap();
+    let extra = format!(
+        "\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{mqtt_port}\"\n[[mqtt.devices]]\nid = \"meter-7\"\npassword_hash = \"{hash}\"\n"
+    );
+    let config = write_config_with(dir.path(), &fleet, &http, &extra);
+    let agent = Agent::start(&config, &http);
+    wait_until("the agent is up", Duration::from_secs(20), || {
+        agent.next_seq().is_some()
+    })
+    .await;
+
+    let mut options = MqttOptions::new("meter-7", "127.0.0.1", mqtt_port);
+    options.set_credentials("meter-7", "a-long-device-password");
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    for i in 0..20 {
+        let payload = format!(
+            "{{\"ts\": {}, \"temperature\": 21.53, \"count\": {i}}}",
+            1_767_225_600_000i64 + i * 1_000
+        );
+        client
+            .publish("devices/meter-7/readings", QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut pubacks = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while pubacks < 20 {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => pubacks += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("MQTT connection failed: {err:?}"),
+            Err(_) => panic!("only {pubacks} PUBACKs"),
+        }
+    }
+    let status = agent.status().unwrap();
+    assert!(status["mqtt"].is_object(), "{status}");
+    agent.terminate();
+    let _ = fleet.shutdown().await;
+    let from_mqtt: Vec<Reading> = journal_readings(dir.path())
+        .into_iter()
+        .filter(|r| r.device.as_str() == "meter-7")
+        .collect();
+    // Every PUBACKed message's two readings are in the journal.
+    assert_eq!(from_mqtt.len(), 40, "{from_mqtt:?}");
+}

@@ -1,0 +1,3 @@
+//! Ingress from devices: each source turns what devices send into readings for the journal.
+
+pub mod mqtt;
