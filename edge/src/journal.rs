@@ -163,11 +163,7 @@ impl Journal {
             path: config.path.clone(),
             source,
         };
-        let db = sled::Config::new()
-            .path(&config.path)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(storage)?;
+        let db = sled_config(&config.path).open().map_err(storage)?;
         let chunks = db.open_tree("chunks").map_err(storage)?;
         let meta = db.open_tree("meta").map_err(storage)?;
         let mut chunk_sizes = BTreeMap::new();
@@ -426,11 +422,7 @@ impl Journal {
                 path: compact_path.clone(),
                 source,
             };
-            let fresh = sled::Config::new()
-                .path(&compact_path)
-                .mode(sled::Mode::LowSpace)
-                .open()
-                .map_err(storage)?;
+            let fresh = sled_config(&compact_path).open().map_err(storage)?;
             let chunks = fresh.open_tree("chunks").map_err(storage)?;
             let meta = fresh.open_tree("meta").map_err(storage)?;
             for entry in self.chunks.iter() {
@@ -524,6 +516,17 @@ impl Journal {
     pub fn path(&self) -> &Path {
         &self.config.path
     }
+}
+
+/// sled's defaults cache up to 1 GiB of pages; the journal is written once and read once per
+/// target, so a small cache keeps the agent's memory small without costing throughput.
+const SLED_CACHE_BYTES: u64 = 4 << 20;
+
+fn sled_config(path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::LowSpace)
+        .cache_capacity(SLED_CACHE_BYTES)
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {

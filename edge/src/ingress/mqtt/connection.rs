@@ -907,8 +907,9 @@ impl Session<'_> {
             self.batch_messages = 0;
             return Ok(());
         }
-        let capacity = self.batch_readings.capacity();
-        let readings = std::mem::replace(&mut self.batch_readings, Vec::with_capacity(capacity));
+        // A fresh, empty vector: handing on the buffer's capacity would make every later small
+        // batch as large as the largest one, and batches wait in queues until their commit.
+        let readings = std::mem::take(&mut self.batch_readings);
         let pkids = std::mem::take(&mut self.batch_pkids);
         let n_messages = std::mem::take(&mut self.batch_messages);
         let n_readings = readings.len() as u64;
