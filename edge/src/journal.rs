@@ -103,6 +103,122 @@ pub struct OpenReport {
     pub readings_held: u64,
 }
 
+/// What ingress and the writer need of a journal: the small storage trait the sled [`Journal`]
+/// implements, and [`MemoryJournal`], the in-memory reference model it is tested against.
+pub trait JournalStore: Send {
+    /// Appends readings (one group commit) and returns their sequence numbers; not durable until
+    /// [`JournalStore::flush`].
+    fn append(&mut self, readings: &[Reading]) -> Result<std::ops::Range<u64>, JournalError>;
+    /// Makes everything appended so far durable.
+    fn flush(&mut self) -> Result<(), JournalError>;
+    /// Up to `max` readings for `target` from its cursor on, with their sequence numbers.
+    fn read(&mut self, target: &str, max: usize) -> Result<Vec<(u64, Reading)>, JournalError>;
+    /// `target` has everything up to and including `through_seq`.
+    fn ack(&mut self, target: &str, through_seq: u64) -> Result<(), JournalError>;
+    /// Readings `target` has not acknowledged.
+    fn backlog(&self, target: &str) -> Option<u64>;
+    /// The sequence number the next reading gets.
+    fn next_seq(&self) -> u64;
+}
+
+/// The journal's reference model: every reading in memory, a cursor per target, nothing
+/// durable. The model-based test runs the same operations on it and on [`Journal`].
+#[derive(Debug, Default)]
+pub struct MemoryJournal {
+    /// Readings still held, the first having sequence number `first_seq`.
+    readings: std::collections::VecDeque<Reading>,
+    first_seq: u64,
+    cursors: BTreeMap<String, u64>,
+}
+
+impl MemoryJournal {
+    pub fn new(targets: &[String]) -> Self {
+        Self {
+            readings: Default::default(),
+            first_seq: 1,
+            cursors: targets.iter().map(|t| (t.clone(), 1)).collect(),
+        }
+    }
+
+    /// Readings not yet acknowledged by every target.
+    pub fn readings_held(&self) -> u64 {
+        self.readings.len() as u64
+    }
+}
+
+impl JournalStore for MemoryJournal {
+    fn append(&mut self, readings: &[Reading]) -> Result<std::ops::Range<u64>, JournalError> {
+        let start = self.next_seq();
+        self.readings.extend(readings.iter().cloned());
+        Ok(start..self.next_seq())
+    }
+
+    fn flush(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+
+    fn read(&mut self, target: &str, max: usize) -> Result<Vec<(u64, Reading)>, JournalError> {
+        let cursor = *self
+            .cursors
+            .get(target)
+            .ok_or_else(|| JournalError::UnknownTarget(target.to_owned()))?;
+        let skip = (cursor - self.first_seq) as usize;
+        Ok(self
+            .readings
+            .iter()
+            .skip(skip)
+            .take(max)
+            .enumerate()
+            .map(|(i, r)| (cursor + i as u64, r.clone()))
+            .collect())
+    }
+
+    fn ack(&mut self, target: &str, through_seq: u64) -> Result<(), JournalError> {
+        let next_seq = self.next_seq();
+        let cursor = self
+            .cursors
+            .get_mut(target)
+            .ok_or_else(|| JournalError::UnknownTarget(target.to_owned()))?;
+        *cursor = (*cursor).max((through_seq + 1).min(next_seq));
+        let slowest = self.cursors.values().copied().min().unwrap_or(next_seq);
+        while self.first_seq < slowest {
+            self.readings.pop_front();
+            self.first_seq += 1;
+        }
+        Ok(())
+    }
+
+    fn backlog(&self, target: &str) -> Option<u64> {
+        self.cursors.get(target).map(|&c| self.next_seq() - c)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.readings.len() as u64
+    }
+}
+
+impl JournalStore for Journal {
+    fn append(&mut self, readings: &[Reading]) -> Result<std::ops::Range<u64>, JournalError> {
+        Journal::append(self, readings)
+    }
+    fn flush(&mut self) -> Result<(), JournalError> {
+        Journal::flush(self)
+    }
+    fn read(&mut self, target: &str, max: usize) -> Result<Vec<(u64, Reading)>, JournalError> {
+        Journal::read(self, target, max)
+    }
+    fn ack(&mut self, target: &str, through_seq: u64) -> Result<(), JournalError> {
+        Journal::ack(self, target, through_seq)
+    }
+    fn backlog(&self, target: &str) -> Option<u64> {
+        Journal::backlog(self, target)
+    }
+    fn next_seq(&self) -> u64 {
+        Journal::next_seq(self)
+    }
+}
+
+/// The durable journal on sled (see the module docs).
 pub struct Journal {
     config: JournalConfig,
     db: sled::Db,

@@ -11,7 +11,7 @@ use fieldgate_shared::Reading;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clean::{Outcome, Pipeline};
-use crate::journal::{Journal, JournalError};
+use crate::journal::{JournalError, JournalStore};
 
 /// Readings from one ingress message, and where to say whether they are durable (`None` for
 /// sources that cannot be told, such as a Modbus poll).
@@ -45,8 +45,8 @@ pub struct WriterStats {
 /// Runs until every sender of `input` is gone, then returns after the last group is durable.
 /// Every reading goes through the cleaning `pipeline` first: what it rejects is counted and kept
 /// in its quarantine, never journaled, and still acknowledged (resending would not change it).
-pub async fn run_writer(
-    journal: Arc<Mutex<Journal>>,
+pub async fn run_writer<J: JournalStore + 'static>(
+    journal: Arc<Mutex<J>>,
     pipeline: Arc<Mutex<Pipeline>>,
     mut input: mpsc::Receiver<JournalInput>,
     group_commit: GroupCommit,
