@@ -33,7 +33,7 @@ pub async fn run(
     let journal_config = JournalConfig {
         path: config.journal_path(),
         targets: targets.clone(),
-        quota_bytes: config.journal.quota_mb * 1024 * 1024,
+        quota_bytes: (config.journal.quota_mb * 1024.0 * 1024.0) as u64,
         overflow: config.journal.overflow,
         compaction_slack_bytes: config.journal.compaction_slack_mb * 1024 * 1024,
     };

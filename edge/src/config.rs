@@ -54,8 +54,9 @@ pub struct GatewayConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalSettings {
+    /// Disk the journal may use, in MiB (fractions allowed).
     #[serde(default = "default_quota_mb")]
-    pub quota_mb: u64,
+    pub quota_mb: f64,
     #[serde(default = "default_overflow")]
     pub overflow: OverflowPolicy,
     /// Group commit: readings wait at most this long for a flush (and so for their ACK).
@@ -102,8 +103,8 @@ pub struct TargetConfig {
     pub name: String,
 }
 
-fn default_quota_mb() -> u64 {
-    512
+fn default_quota_mb() -> f64 {
+    512.0
 }
 fn default_overflow() -> OverflowPolicy {
     OverflowPolicy::DropOldest
@@ -185,10 +186,11 @@ impl EdgeConfig {
             key,
             reason,
         };
-        if self.journal.quota_mb == 0 {
+        // Written so that NaN is refused too.
+        if self.journal.quota_mb.is_nan() || self.journal.quota_mb < 0.01 {
             return Err(invalid(
                 "journal.quota_mb".into(),
-                "must be at least 1".into(),
+                "must be at least 0.01 (MiB)".into(),
             ));
         }
         if self.journal.flush_interval_ms == 0 || self.journal.flush_interval_ms > 10_000 {
@@ -255,7 +257,7 @@ mod tests {
     #[test]
     fn minimal_config_takes_defaults() {
         let config = parse("[gateway]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\n").unwrap();
-        assert_eq!(config.journal.quota_mb, 512);
+        assert_eq!(config.journal.quota_mb, 512.0);
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:7780");
         assert_eq!(config.targets.len(), 1);
     }

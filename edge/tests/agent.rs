@@ -361,3 +361,79 @@ async fn mqtt_devices_are_acknowledged_once_their_readings_are_journaled() {
     // Every PUBACKed message's two readings are in the journal.
     assert_eq!(from_mqtt.len(), 40, "{from_mqtt:?}");
 }
+
+/// Every cloud target unreachable (none ever acknowledges) for long enough that the journal hits
+/// its quota: collection goes on, the drop-oldest policy makes room, and /metrics says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_goes_on_when_no_target_ever_acknowledges() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _held) = devices();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mqtt_port = free_port();
+    let hash = fieldgate_edge::ingress::mqtt::hash_password("a-long-device-password").unwrap();
+    let extra = format!(
+        "\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{mqtt_port}\"\n[[mqtt.devices]]\nid = \"meter-7\"\npassword_hash = \"{hash}\"\n\n[[targets]]\nname = \"private\"\n[[targets]]\nname = \"public\"\n"
+    );
+    let config = write_config_with(dir.path(), &fleet, &http, &extra);
+    // A 20 kB journal that drops its oldest readings when full.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[journal]\nflush_interval_ms = 5\n",
+        "[journal]\nflush_interval_ms = 5\nquota_mb = 0.02\noverflow = \"drop-oldest\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let agent = Agent::start(&config, &http);
+    wait_until("the agent is up", Duration::from_secs(20), || {
+        agent.next_seq().is_some()
+    })
+    .await;
+
+    let mut options = MqttOptions::new("meter-7", "127.0.0.1", mqtt_port);
+    options.set_credentials("meter-7", "a-long-device-password");
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    const MESSAGES: i64 = 5_000;
+    tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            let payload = format!(
+                "{{\"ts\": {}, \"temperature\": {}, \"humidity\": {}, \"pressure\": 1013.2, \"vibration\": 0.013}}",
+                1_767_225_600_000 + i * 1_000,
+                20.0 + (i % 100) as f64 / 100.0,
+                40.0 + (i % 37) as f64 / 10.0
+            );
+            client
+                .publish("devices/meter-7/readings", QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+    });
+    let mut pubacks = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while pubacks < MESSAGES {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => pubacks += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("MQTT connection failed after {pubacks} PUBACKs: {err:?}"),
+            Err(_) => panic!("only {pubacks} PUBACKs: collection stalled"),
+        }
+    }
+    let status = agent.status().unwrap();
+    let journal = &status["journal"];
+    assert!(
+        journal["stats"]["readings_dropped_for_quota"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{status}"
+    );
+    assert!(
+        journal["held_bytes"].as_u64().unwrap() <= 52_429,
+        "{status}"
+    );
+    // Both targets are behind by exactly what is held.
+    let held = journal["readings_held"].as_u64().unwrap();
+    for backlog in journal["backlog"].as_array().unwrap() {
+        assert_eq!(backlog[1].as_u64().unwrap(), held, "{status}");
+    }
+    agent.terminate();
+    let _ = fleet.shutdown().await;
+}
