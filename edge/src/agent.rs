@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fieldgate_firmware_bridge::modbus::spawn_poller;
+use fieldgate_firmware_bridge::modbus::ModbusPoller;
 use fieldgate_firmware_bridge::session::{DeviceBatch, SessionConfig};
 use fieldgate_firmware_bridge::transport::{run_serial_link, Backoff, LinkStats};
 use tokio::sync::{mpsc, watch};
@@ -134,15 +134,32 @@ pub async fn run(
     let mut modbus_pollers = Vec::new();
     for poller in &config.modbus_pollers {
         let (readings_tx, mut readings) = mpsc::channel(4096);
-        let mut stop = stop.clone();
-        let (task, stats) = spawn_poller(poller.clone(), readings_tx, async move {
-            let _ = stop.wait_for(|&s| s).await;
-        })
-        .context("starting a Modbus poller")?;
-        modbus_pollers.push((poller.port.path.clone(), stats));
-        ingress.push(tokio::spawn(async move {
-            let _ = task.await;
-        }));
+        let stats = ModbusPoller::new(poller.clone())
+            .context("starting a Modbus poller")?
+            .stats();
+        modbus_pollers.push((poller.port.path.clone(), stats.clone()));
+        let (poller, poller_stop) = (poller.clone(), stop.clone());
+        // The poller reopens its line by itself; the supervisor restarts it if it fails or panics.
+        ingress.push(tokio::spawn(supervise(
+            "modbus poller",
+            move || {
+                let run = ModbusPoller::new(poller.clone()).map(|p| p.with_stats(stats.clone()));
+                let (readings_tx, mut stop) = (readings_tx.clone(), poller_stop.clone());
+                async move {
+                    let stopped = async move {
+                        let _ = stop.wait_for(|&s| s).await;
+                    };
+                    run.map_err(|e| e.to_string())?
+                        .run(readings_tx, stopped)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            },
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            Arc::new(Restarts::default()),
+            stop.clone(),
+        )));
         let input_tx = input_tx.clone();
         ingress.push(tokio::spawn(async move {
             while let Some(first) = readings.recv().await {

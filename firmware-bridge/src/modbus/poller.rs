@@ -119,6 +119,13 @@ impl ModbusPoller {
         Ok(Self { config, stats })
     }
 
+    /// Counts into `stats` instead of fresh counters: a poller restarted by a supervisor keeps
+    /// adding to the counters its predecessor reported.
+    pub fn with_stats(mut self, stats: PollerStats) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// A handle on the counters, readable while the poller runs.
     pub fn stats(&self) -> PollerStats {
         self.stats.clone()
