@@ -33,9 +33,9 @@ fuzz secs="60":
     cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_batch -- -max_total_time={{secs}}
     cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_frames -- -max_total_time={{secs}}
 
-# Cross-compile the CLI for 64-bit ARM with Debian's rustc and target std (see README).
+# Cross-compile the CLI and the edge agent for 64-bit ARM with Debian's rustc and target std (see README).
 cross-arm64:
     RUSTC=/usr/bin/rustc \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
-    cargo build --release --target aarch64-unknown-linux-gnu -p fieldgate
+    cargo build --release --target aarch64-unknown-linux-gnu -p fieldgate -p fieldgate-edge
