@@ -309,54 +309,74 @@ async fn rejected_readings_are_quarantined_counted_and_not_journaled() {
     assert!(journaled.iter().all(|r| r.metric.as_str() != "humidity"));
 }
 
+const MQTT_DEVICE: &str = "meter-7";
+const MQTT_PASSWORD: &str = "a-long-device-password";
+
+/// The `[mqtt]` section: a listener on `port` and the one device, `meter-7`.
+fn mqtt_section(port: u16) -> String {
+    let hash = fieldgate_edge::ingress::mqtt::hash_password(MQTT_PASSWORD).unwrap();
+    format!(
+        "\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{port}\"\n[[mqtt.devices]]\nid = \"{MQTT_DEVICE}\"\npassword_hash = \"{hash}\"\n"
+    )
+}
+
+/// Publishes every payload at QoS 1 as `meter-7` and returns once each is PUBACKed, that is
+/// durable; panics if the PUBACKs stop coming.
+async fn publish_until_all_acknowledged(port: u16, payloads: Vec<String>) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(MQTT_DEVICE, "127.0.0.1", port);
+    options.set_credentials(MQTT_DEVICE, MQTT_PASSWORD);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let expected = payloads.len();
+    tokio::spawn(async move {
+        for payload in payloads {
+            let topic = format!("devices/{MQTT_DEVICE}/readings");
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+    });
+    let mut pubacks = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while pubacks < expected {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => pubacks += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("MQTT connection failed after {pubacks} PUBACKs: {err:?}"),
+            Err(_) => panic!("only {pubacks} of {expected} PUBACKs: collection stalled"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_devices_are_acknowledged_once_their_readings_are_journaled() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let dir = tempfile::tempdir().unwrap();
     let (fleet, _held) = devices();
     let http = format!("127.0.0.1:{}", free_port());
     let mqtt_port = free_port();
-    let hash = fieldgate_edge::ingress::mqtt::hash_password("a-long-device-password").unwrap();
-    let extra = format!(
-        "\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{mqtt_port}\"\n[[mqtt.devices]]\nid = \"meter-7\"\npassword_hash = \"{hash}\"\n"
-    );
-    let config = write_config_with(dir.path(), &fleet, &http, &extra);
+    let config = write_config_with(dir.path(), &fleet, &http, &mqtt_section(mqtt_port));
     let agent = Agent::start(&config, &http);
     wait_until("the agent is up", Duration::from_secs(20), || {
         agent.next_seq().is_some()
     })
     .await;
-
-    let mut options = MqttOptions::new("meter-7", "127.0.0.1", mqtt_port);
-    options.set_credentials("meter-7", "a-long-device-password");
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
-    for i in 0..20 {
-        let payload = format!(
-            "{{\"ts\": {}, \"temperature\": 21.53, \"count\": {i}}}",
-            1_767_225_600_000i64 + i * 1_000
-        );
-        client
-            .publish("devices/meter-7/readings", QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
-    let mut pubacks = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while pubacks < 20 {
-        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => pubacks += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => panic!("MQTT connection failed: {err:?}"),
-            Err(_) => panic!("only {pubacks} PUBACKs"),
-        }
-    }
+    let payloads = (0..20i64)
+        .map(|i| {
+            format!(
+                "{{\"ts\": {}, \"temperature\": 21.53, \"count\": {i}}}",
+                1_767_225_600_000 + i * 1_000
+            )
+        })
+        .collect();
+    publish_until_all_acknowledged(mqtt_port, payloads).await;
     let status = agent.status().unwrap();
     assert!(status["mqtt"].is_object(), "{status}");
     agent.terminate();
     let _ = fleet.shutdown().await;
     let from_mqtt: Vec<Reading> = journal_readings(dir.path())
         .into_iter()
-        .filter(|r| r.device.as_str() == "meter-7")
+        .filter(|r| r.device.as_str() == MQTT_DEVICE)
         .collect();
     // Every PUBACKed message's two readings are in the journal.
     assert_eq!(from_mqtt.len(), 40, "{from_mqtt:?}");
@@ -366,15 +386,12 @@ async fn mqtt_devices_are_acknowledged_once_their_readings_are_journaled() {
 /// its quota: collection goes on, the drop-oldest policy makes room, and /metrics says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collection_goes_on_when_no_target_ever_acknowledges() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let dir = tempfile::tempdir().unwrap();
     let (fleet, _held) = devices();
     let http = format!("127.0.0.1:{}", free_port());
     let mqtt_port = free_port();
-    let hash = fieldgate_edge::ingress::mqtt::hash_password("a-long-device-password").unwrap();
-    let extra = format!(
-        "\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{mqtt_port}\"\n[[mqtt.devices]]\nid = \"meter-7\"\npassword_hash = \"{hash}\"\n\n[[targets]]\nname = \"private\"\n[[targets]]\nname = \"public\"\n"
-    );
+    let targets = "\n[[targets]]\nname = \"private\"\n[[targets]]\nname = \"public\"\n";
+    let extra = mqtt_section(mqtt_port) + targets;
     let config = write_config_with(dir.path(), &fleet, &http, &extra);
     // A 20 kB journal that drops its oldest readings when full.
     let text = std::fs::read_to_string(&config).unwrap().replace(
@@ -387,35 +404,17 @@ async fn collection_goes_on_when_no_target_ever_acknowledges() {
         agent.next_seq().is_some()
     })
     .await;
-
-    let mut options = MqttOptions::new("meter-7", "127.0.0.1", mqtt_port);
-    options.set_credentials("meter-7", "a-long-device-password");
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
-    const MESSAGES: i64 = 5_000;
-    tokio::spawn(async move {
-        for i in 0..MESSAGES {
-            let payload = format!(
+    let payloads = (0..5_000i64)
+        .map(|i| {
+            format!(
                 "{{\"ts\": {}, \"temperature\": {}, \"humidity\": {}, \"pressure\": 1013.2, \"vibration\": 0.013}}",
                 1_767_225_600_000 + i * 1_000,
                 20.0 + (i % 100) as f64 / 100.0,
                 40.0 + (i % 37) as f64 / 10.0
-            );
-            client
-                .publish("devices/meter-7/readings", QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-        }
-    });
-    let mut pubacks = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while pubacks < MESSAGES {
-        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => pubacks += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => panic!("MQTT connection failed after {pubacks} PUBACKs: {err:?}"),
-            Err(_) => panic!("only {pubacks} PUBACKs: collection stalled"),
-        }
-    }
+            )
+        })
+        .collect();
+    publish_until_all_acknowledged(mqtt_port, payloads).await;
     let status = agent.status().unwrap();
     let journal = &status["journal"];
     assert!(
