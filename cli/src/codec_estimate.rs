@@ -80,9 +80,7 @@ pub fn estimate(
         json_line.clear();
         write_json_line(&mut json_line, &reading)?;
         estimate.json_lines.bytes += json_line.len() as u64;
-        if !series.contains(&(reading.device.clone(), reading.metric.clone())) {
-            series.insert((reading.device.clone(), reading.metric.clone()));
-        }
+        series.insert((reading.device.clone(), reading.metric.clone()));
         estimate.readings += 1;
         batch.push(reading);
         if batch.len() == batch_size {

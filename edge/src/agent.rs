@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use fieldgate_firmware_bridge::modbus::ModbusPoller;
 use fieldgate_firmware_bridge::session::{DeviceBatch, SessionConfig};
-use fieldgate_firmware_bridge::transport::{run_serial_link, Backoff, LinkStats};
+use fieldgate_firmware_bridge::transport::{run_serial_link, stopped, Backoff, LinkStats};
 use tokio::sync::{mpsc, watch};
 
 use crate::clean::Pipeline;
@@ -106,12 +106,9 @@ pub async fn run(
             .await
             .context("starting the MQTT ingress")?;
         mqtt = Some(listener.stats());
-        let (sink, mut stop) = (batches_tx.clone(), stop.clone());
+        let (sink, stop) = (batches_tx.clone(), stop.clone());
         ingress.push(tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop.wait_for(|&s| s).await;
-            };
-            if let Err(err) = listener.run(sink, stopped).await {
+            if let Err(err) = listener.run(sink, stopped(stop)).await {
                 tracing::error!(error = %err, "MQTT ingress stopped");
             }
         }));
@@ -144,13 +141,10 @@ pub async fn run(
             "modbus poller",
             move || {
                 let run = ModbusPoller::new(poller.clone()).map(|p| p.with_stats(stats.clone()));
-                let (readings_tx, mut stop) = (readings_tx.clone(), poller_stop.clone());
+                let (readings_tx, stop) = (readings_tx.clone(), poller_stop.clone());
                 async move {
-                    let stopped = async move {
-                        let _ = stop.wait_for(|&s| s).await;
-                    };
                     run.map_err(|e| e.to_string())?
-                        .run(readings_tx, stopped)
+                        .run(readings_tx, stopped(stop))
                         .await
                         .map_err(|e| e.to_string())
                 }
@@ -199,12 +193,10 @@ pub async fn run(
         .await
         .with_context(|| format!("listening on {} for the local HTTP API", config.http.listen))?;
     tracing::info!(address = %listener.local_addr()?, "local HTTP API up");
-    let mut http_stop = stop.clone();
+    let http_stop = stop.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|&s| s).await;
-            })
+            .with_graceful_shutdown(stopped(http_stop))
             .await
     });
 

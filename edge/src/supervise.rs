@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fieldgate_firmware_bridge::transport::stopped;
 use tokio::sync::watch;
 
 /// Restarts of a supervised task, for `/metrics`.
@@ -21,7 +22,7 @@ pub async fn supervise<F, Fut, E>(
     initial: Duration,
     max: Duration,
     restarts: Arc<Restarts>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -36,7 +37,7 @@ pub async fn supervise<F, Fut, E>(
         let mut task = tokio::spawn(start());
         let outcome = tokio::select! {
             outcome = &mut task => outcome,
-            _ = stopped(&mut stop) => {
+            _ = stopped(stop.clone()) => {
                 // Give the task the chance to see the same stop signal and finish cleanly.
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut task).await;
                 task.abort();
@@ -54,14 +55,10 @@ pub async fn supervise<F, Fut, E>(
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return,
+            _ = stopped(stop.clone()) => return,
         }
         delay = (delay * 2).min(max);
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|&s| s).await;
 }
 
 #[cfg(test)]

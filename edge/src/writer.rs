@@ -79,14 +79,12 @@ pub async fn run_writer<J: JournalStore + 'static>(
         let journal = journal.clone();
         let started = Instant::now();
         // sled blocks on I/O: keep it off the async workers.
-        let (result, group) = tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-            let result = journal.append(&group).and_then(|_| journal.flush());
-            (result, group)
+            journal.append(&group).and_then(|_| journal.flush())
         })
         .await
         .expect("the journal task does not panic");
-        drop(group);
         let outcome = match result {
             Ok(()) => {
                 let micros = started.elapsed().as_micros() as u64;

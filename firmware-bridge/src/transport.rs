@@ -258,7 +258,7 @@ pub async fn run_serial_link(
                 tracing::info!(port = %port.path, "serial port open");
                 let result = Session::new(stream, session.clone(), stats.session.clone())
                     .remembering(delivered.clone())
-                    .run(&batches, &mut requests, wait_for_true(shutdown.clone()))
+                    .run(&batches, &mut requests, stopped(shutdown.clone()))
                     .await;
                 match result {
                     Ok(()) => return,
@@ -277,13 +277,15 @@ pub async fn run_serial_link(
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = wait_for_true(shutdown.clone()) => return,
+            _ = stopped(shutdown.clone()) => return,
         }
         delay = (delay * 2).min(backoff.max);
     }
 }
 
-async fn wait_for_true(mut flag: watch::Receiver<bool>) {
+/// Resolves once the stop flag turns true (or its sender is gone): the shutdown future the
+/// agent's tasks share.
+pub async fn stopped(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|&stop| stop).await;
 }
 
