@@ -51,7 +51,7 @@ pub struct SeriesQuery {
 type SeriesRow = (String, String, String, String, String, String, String, Option<i64>, Option<i64>, Option<i64>);
 
 const SERIES_SELECT: &str = "SELECT s.id, s.gateway_id, s.stream, s.device, s.metric, g.site_id, g.status, \
-     (SELECT SUM(c.count) FROM chunks c WHERE c.series_id = s.id), \
+     (SELECT CAST(SUM(c.count) AS BIGINT) FROM chunks c WHERE c.series_id = s.id), \
      (SELECT MIN(c.first_ts) FROM chunks c WHERE c.series_id = s.id), \
      (SELECT MAX(c.last_ts) FROM chunks c WHERE c.series_id = s.id) \
      FROM series s JOIN gateways g ON g.id = s.gateway_id AND g.tenant_id = s.tenant_id";
