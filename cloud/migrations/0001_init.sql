@@ -65,10 +65,12 @@ CREATE TABLE gateways (
     last_seen_at BIGINT,
     status TEXT NOT NULL,
     created_at BIGINT NOT NULL,
-    decommissioned_at BIGINT,
-    UNIQUE (tenant_id, name)
+    decommissioned_at BIGINT
 );
 CREATE INDEX gateways_by_tenant ON gateways (tenant_id, id);
+-- A name is unique among a tenant's active gateways: a replacement may take a decommissioned
+-- gateway's name.
+CREATE UNIQUE INDEX gateways_active_name ON gateways (tenant_id, name) WHERE status = 'active';
 
 CREATE TABLE gateway_labels (
     gateway_id TEXT NOT NULL REFERENCES gateways(id),

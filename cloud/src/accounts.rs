@@ -28,7 +28,11 @@ pub struct Bootstrapped {
 
 /// Create a tenant (with its gateway CA) and its first owner, who gets a generated password and
 /// an owner API key. There is no default account: this is how the first person gets in.
-pub async fn bootstrap_tenant(db: &Db, tenant_name: &str, owner_email: &str) -> anyhow::Result<Bootstrapped> {
+pub async fn bootstrap_tenant(
+    db: &Db,
+    tenant_name: &str,
+    owner_email: &str,
+) -> anyhow::Result<Bootstrapped> {
     validate_tenant_name(tenant_name).map_err(|e| anyhow::anyhow!(e.body.message))?;
     validate_email(owner_email).map_err(|e| anyhow::anyhow!(e.body.message))?;
     let tenant_id = new_id("tn");
@@ -115,11 +119,11 @@ fn validate_tenant_name(name: &str) -> ApiResult<()> {
 }
 
 fn validate_email(email: &str) -> ApiResult<()> {
-    let ok = email.len() <= 254
+    let ok = email.chars().count() <= 254
         && email
             .split_once('@')
             .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+        && !email.chars().any(|c| c == ' ' || c.is_control());
     if ok {
         Ok(())
     } else {
@@ -153,12 +157,19 @@ pub async fn login(
     parts: RequestSource,
     ApiJson(request): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
-    let account_key = format!("account:{}:{}", request.tenant, request.email.to_lowercase());
+    let account_key = format!(
+        "account:{}:{}",
+        request.tenant,
+        request.email.to_lowercase()
+    );
     let ip_key = format!("ip:{}", parts.0);
     let keys = [account_key.clone(), ip_key];
     if let Some(wait) = state.logins.locked_for(&keys) {
         state.metrics.login_failures.inc();
-        return Err(ApiError::rate_limited("too many failed logins; wait and try again", wait));
+        return Err(ApiError::rate_limited(
+            "too many failed logins; wait and try again",
+            wait,
+        ));
     }
     let row: Option<(String, String, String, String)> = sqlx::query_as(
         "SELECT u.id, u.tenant_id, u.password_hash, u.role FROM users u \
@@ -284,6 +295,10 @@ pub struct User {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewUser {
+    #[schema(
+        max_length = 254,
+        pattern = "^[^@\\x00-\\x20\\x7F-\\x9F]+@[^\\x00-\\x20\\x7F-\\x9F]+$"
+    )]
     pub email: String,
     pub role: Role,
 }
@@ -298,7 +313,10 @@ pub struct CreatedUser {
 /// People of the tenant.
 #[utoipa::path(get, path = "/v1/users", tag = "people", security(("bearer" = [])),
     responses((status = 200, body = Vec<User>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn list_users(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Vec<User>>> {
+pub async fn list_users(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Vec<User>>> {
     principal.require(Role::Owner)?;
     principal.require_unscoped()?;
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
@@ -354,12 +372,20 @@ pub async fn create_user(
     .await;
     match inserted {
         Err(err) if is_unique_violation(&err) => {
-            return Err(ApiError::conflict("a person with this email exists already"))
+            return Err(ApiError::conflict(
+                "a person with this email exists already",
+            ))
         }
         other => other?,
     };
-    audit::record(&mut *tx, &principal, "user.create", &user.id,
-        serde_json::json!({"email": user.email, "role": user.role})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "user.create",
+        &user.id,
+        serde_json::json!({"email": user.email, "role": user.role}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(CreatedUser { user, password })))
 }
@@ -393,7 +419,14 @@ pub async fn delete_user(
     if deleted.rows_affected() == 0 {
         return Err(ApiError::not_found("person"));
     }
-    audit::record(&mut *tx, &principal, "user.delete", &id, serde_json::json!({})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "user.delete",
+        &id,
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -414,14 +447,18 @@ pub struct ApiKey {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewApiKey {
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
     /// At most the caller's own role.
     pub role: Role,
     /// Days until the key stops working (1..=3650); absent: no expiry.
+    #[schema(minimum = 1, maximum = 3650)]
+    #[serde(default, deserialize_with = "crate::api::whole_u32_opt")]
     pub expires_in_days: Option<u32>,
     /// Limit the key to the gateways of one site.
     pub site_id: Option<String>,
     /// Limit the key to gateways carrying this label, `key=value`.
+    #[schema(pattern = "^[^=]+=.+$")]
     pub label: Option<String>,
 }
 
@@ -432,10 +469,32 @@ pub struct CreatedApiKey {
     pub secret: String,
 }
 
-type KeyRow = (String, String, String, Option<String>, Option<String>, Option<String>, String, i64, Option<i64>, Option<i64>);
+type KeyRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
 
 fn key_from_row(row: KeyRow) -> ApiResult<ApiKey> {
-    let (id, name, role, site_id, label_key, label_value, created_by, created_at, expires_at, revoked_at) = row;
+    let (
+        id,
+        name,
+        role,
+        site_id,
+        label_key,
+        label_value,
+        created_by,
+        created_at,
+        expires_at,
+        revoked_at,
+    ) = row;
     Ok(ApiKey {
         id,
         name,
@@ -452,7 +511,10 @@ fn key_from_row(row: KeyRow) -> ApiResult<ApiKey> {
 /// The tenant's API keys (never their secrets).
 #[utoipa::path(get, path = "/v1/api-keys", tag = "people", security(("bearer" = [])),
     responses((status = 200, body = Vec<ApiKey>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn list_keys(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Vec<ApiKey>>> {
+pub async fn list_keys(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Vec<ApiKey>>> {
     principal.require(Role::Owner)?;
     principal.require_unscoped()?;
     let rows: Vec<KeyRow> = sqlx::query_as(
@@ -462,7 +524,10 @@ pub async fn list_keys(State(state): State<AppState>, principal: Principal) -> A
     .bind(&principal.tenant_id)
     .fetch_all(&state.db.pool)
     .await?;
-    rows.into_iter().map(key_from_row).collect::<ApiResult<Vec<_>>>().map(Json)
+    rows.into_iter()
+        .map(key_from_row)
+        .collect::<ApiResult<Vec<_>>>()
+        .map(Json)
 }
 
 /// Make an API key, optionally expiring and limited to a site or label; the secret is in the
@@ -477,11 +542,13 @@ pub async fn create_key(
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
     principal.require(Role::Owner)?;
     principal.require_unscoped()?;
-    if request.name.is_empty() || request.name.len() > 100 {
+    if request.name.is_empty() || request.name.chars().count() > 100 {
         return Err(ApiError::bad_request("a key name is 1-100 characters"));
     }
     if request.role > principal.role {
-        return Err(ApiError::forbidden("a key cannot have more rights than its maker"));
+        return Err(ApiError::forbidden(
+            "a key cannot have more rights than its maker",
+        ));
     }
     let label = match &request.label {
         None => None,
@@ -547,7 +614,7 @@ pub async fn create_key(
 #[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "people", security(("bearer" = [])),
     params(("id" = String, Path)),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn revoke_key(
     State(state): State<AppState>,
     principal: Principal,
@@ -555,6 +622,11 @@ pub async fn revoke_key(
 ) -> ApiResult<StatusCode> {
     principal.require(Role::Owner)?;
     principal.require_unscoped()?;
+    if principal.actor == format!("key:{id}") {
+        return Err(ApiError::conflict(
+            "a key cannot revoke itself; use another key or a login session",
+        ));
+    }
     let mut tx = state.db.pool.begin().await?;
     let revoked = sqlx::query(
         "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL",
@@ -567,7 +639,14 @@ pub async fn revoke_key(
     if revoked.rows_affected() == 0 {
         return Err(ApiError::not_found("API key"));
     }
-    audit::record(&mut *tx, &principal, "api_key.revoke", &id, serde_json::json!({})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "api_key.revoke",
+        &id,
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

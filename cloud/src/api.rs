@@ -38,6 +38,7 @@ use crate::{accounts, audit, fleet, ingest, series, AppState};
         series::list_series, series::get_series, series::readings,
         healthz,
     ),
+    components(schemas(fleet::GatewayStatus)),
     modifiers(&BearerAuth),
     tags((name = "auth"), (name = "people"), (name = "audit"), (name = "fleet"), (name = "gateway"),
         (name = "telemetry"), (name = "service"))
@@ -49,7 +50,10 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
     }
 }
 
@@ -62,19 +66,34 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/login", post(accounts::login))
         .route("/auth/logout", post(accounts::logout))
         .route("/me", get(accounts::me))
-        .route("/users", get(accounts::list_users).post(accounts::create_user))
+        .route(
+            "/users",
+            get(accounts::list_users).post(accounts::create_user),
+        )
         .route("/users/{id}", delete(accounts::delete_user))
-        .route("/api-keys", get(accounts::list_keys).post(accounts::create_key))
+        .route(
+            "/api-keys",
+            get(accounts::list_keys).post(accounts::create_key),
+        )
         .route("/api-keys/{id}", delete(accounts::revoke_key))
         .route("/audit", get(audit::list))
         .route("/sites", get(fleet::list_sites).post(fleet::create_site))
         .route("/sites/{id}", get(fleet::get_site))
-        .route("/enrollment-tokens", get(fleet::list_enrollment_tokens).post(fleet::create_enrollment_token))
+        .route(
+            "/enrollment-tokens",
+            get(fleet::list_enrollment_tokens).post(fleet::create_enrollment_token),
+        )
         .route("/enroll", post(fleet::enroll))
         .route("/gateway/certificate", post(fleet::renew_certificate))
         .route("/gateways", get(fleet::list_gateways))
-        .route("/gateways/{id}", get(fleet::get_gateway).patch(fleet::update_gateway))
-        .route("/gateways/{id}/decommission", post(fleet::decommission_gateway))
+        .route(
+            "/gateways/{id}",
+            get(fleet::get_gateway).patch(fleet::update_gateway),
+        )
+        .route(
+            "/gateways/{id}/decommission",
+            post(fleet::decommission_gateway),
+        )
         .route("/ingest", post(ingest::ingest))
         .route("/series", get(series::list_series))
         .route("/series/{id}", get(series::get_series))
@@ -87,8 +106,14 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
-        .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
         .with_state(state)
 }
 
@@ -107,27 +132,38 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct Health {
+pub struct ServiceHealth {
     /// `ok` when the database answers.
     pub status: String,
 }
 
 /// Liveness and database reachability.
 #[utoipa::path(get, path = "/healthz", tag = "service",
-    responses((status = 200, body = Health), (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = ServiceHealth), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn healthz(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.db.pool).await {
-        Ok(_) => Json(Health { status: "ok".into() }).into_response(),
+        Ok(_) => Json(ServiceHealth {
+            status: "ok".into(),
+        })
+        .into_response(),
         Err(err) => {
             tracing::error!(error = %err, "health check: the database does not answer");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database does not answer").into_response()
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database does not answer",
+            )
+            .into_response()
         }
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.metrics.render(),
     )
 }
@@ -141,20 +177,58 @@ pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> ApiResult<i64> 
     }
 }
 
-/// `Json` whose rejections are API errors.
+/// A whole number given as `16` or `16.0` (JSON Schema's `integer` allows both).
+pub fn whole_u32<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    use serde::Deserialize;
+    let number = serde_json::Number::deserialize(deserializer)?;
+    number
+        .as_u64()
+        .or_else(|| {
+            number
+                .as_f64()
+                .filter(|x| x.fract() == 0.0 && *x >= 0.0)
+                .map(|x| x as u64)
+        })
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "expected a whole number 0..=4294967295, got {number}"
+            ))
+        })
+}
+
+/// [`whole_u32`] for optional fields.
+pub fn whole_u32_opt<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Whole(#[serde(deserialize_with = "whole_u32")] u32);
+    use serde::Deserialize;
+    Ok(Option::<Whole>::deserialize(deserializer)?.map(|Whole(n)| n))
+}
+
+/// A JSON object body (serde would also take a struct from an array; the API does not) whose
+/// rejections are API errors.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is too large",
-            )),
+        match Json::<serde_json::Value>::from_request(request, state).await {
+            Ok(Json(value)) if !value.is_object() => {
+                Err(ApiError::bad_request("the body must be a JSON object"))
+            }
+            Ok(Json(value)) => serde_json::from_value(value)
+                .map(ApiJson)
+                .map_err(|e| ApiError::bad_request(format!("the body does not fit: {e}"))),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is too large",
+                ))
+            }
             Err(rejection) => Err(rejection.into()),
         }
     }

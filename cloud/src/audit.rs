@@ -25,7 +25,16 @@ pub async fn record<'e, E>(
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    record_as(exec, &principal.tenant_id, &principal.actor, &principal.source_ip, action, object, detail).await
+    record_as(
+        exec,
+        &principal.tenant_id,
+        &principal.actor,
+        &principal.source_ip,
+        action,
+        object,
+        detail,
+    )
+    .await
 }
 
 /// Record a change made by someone who is not a [`Principal`] (a gateway, the admin CLI).
@@ -82,8 +91,10 @@ pub struct AuditPage {
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// The `next_before` of the previous page.
+    #[param(pattern = "^-?[0-9]{1,18}/[a-z0-9_]{0,64}$")]
     pub before: Option<String>,
     /// At most this many (1..=500, default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
@@ -123,20 +134,25 @@ pub async fn list(
     let entries: Vec<AuditEntry> = rows
         .into_iter()
         .take(limit as usize)
-        .map(|(id, at, actor, action, object, source_ip, detail)| AuditEntry {
-            id,
-            at,
-            actor,
-            action,
-            object,
-            source_ip,
-            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-        })
+        .map(
+            |(id, at, actor, action, object, source_ip, detail)| AuditEntry {
+                id,
+                at,
+                actor,
+                action,
+                object,
+                source_ip,
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            },
+        )
         .collect();
     let next_before = if more {
         entries.last().map(|e| format!("{}/{}", e.at, e.id))
     } else {
         None
     };
-    Ok(Json(AuditPage { entries, next_before }))
+    Ok(Json(AuditPage {
+        entries,
+        next_before,
+    }))
 }

@@ -104,7 +104,9 @@ impl Principal {
         if self.scope.is_unlimited() {
             Ok(())
         } else {
-            Err(ApiError::forbidden("this API key is limited to part of the fleet"))
+            Err(ApiError::forbidden(
+                "this API key is limited to part of the fleet",
+            ))
         }
     }
 
@@ -140,7 +142,10 @@ pub fn new_api_key(key_id: &str) -> String {
 }
 
 fn api_key_id(token: &str) -> Option<&str> {
-    token.strip_prefix(KEY_PREFIX)?.split_once('.').map(|(id, _)| id)
+    token
+        .strip_prefix(KEY_PREFIX)?
+        .split_once('.')
+        .map(|(id, _)| id)
 }
 
 /// Hash a password with argon2id (on a blocking thread: it takes tens of milliseconds).
@@ -280,7 +285,14 @@ impl FromRequestParts<AppState> for Principal {
         }
         let key_id = api_key_id(token)
             .ok_or_else(|| ApiError::unauthorized("the token is not a session or an API key"))?;
-        type KeyRow = (String, String, String, Option<String>, Option<String>, Option<String>);
+        type KeyRow = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT tenant_id, secret_hash, role, site_id, label_key, label_value FROM api_keys \
              WHERE id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
@@ -290,10 +302,14 @@ impl FromRequestParts<AppState> for Principal {
         .fetch_optional(&state.db.pool)
         .await?;
         let Some((tenant_id, stored_hash, role, site_id, label_key, label_value)) = row else {
-            return Err(ApiError::unauthorized("the API key is unknown, revoked or expired"));
+            return Err(ApiError::unauthorized(
+                "the API key is unknown, revoked or expired",
+            ));
         };
         if !constant_time_eq(stored_hash.as_bytes(), hash.as_bytes()) {
-            return Err(ApiError::unauthorized("the API key is unknown, revoked or expired"));
+            return Err(ApiError::unauthorized(
+                "the API key is unknown, revoked or expired",
+            ));
         }
         Ok(Principal {
             tenant_id,

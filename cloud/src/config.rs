@@ -123,8 +123,8 @@ impl CloudConfig {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
@@ -133,7 +133,12 @@ impl CloudConfig {
         std::env::var("FIELDGATE_DATABASE_URL")
             .ok()
             .or_else(|| self.database_url.clone())
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("cloud.db").display()))
+            .unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    self.data_dir.join("cloud.db").display()
+                )
+            })
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -147,9 +152,18 @@ impl CloudConfig {
             self.tls.cert.is_some() == self.tls.key.is_some(),
             "tls.cert and tls.key go together"
         );
-        anyhow::ensure!(self.limits.max_batch_readings > 0, "limits.max_batch_readings must be > 0");
-        anyhow::ensure!(self.limits.ingest_readings_per_s > 0, "limits.ingest_readings_per_s must be > 0");
-        anyhow::ensure!(self.gateways.cert_validity_days > 0, "gateways.cert_validity_days must be > 0");
+        anyhow::ensure!(
+            self.limits.max_batch_readings > 0,
+            "limits.max_batch_readings must be > 0"
+        );
+        anyhow::ensure!(
+            self.limits.ingest_readings_per_s > 0,
+            "limits.ingest_readings_per_s must be > 0"
+        );
+        anyhow::ensure!(
+            self.gateways.cert_validity_days > 0,
+            "gateways.cert_validity_days must be > 0"
+        );
         Ok(())
     }
 }

@@ -59,7 +59,11 @@ impl ApiError {
     /// What every lookup of another tenant's object answers, so ids of other tenants cannot be
     /// told apart from ids that do not exist.
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no such {what}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such {what}"),
+        )
     }
 
     pub fn conflict(message: impl Into<String>) -> Self {

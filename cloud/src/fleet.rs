@@ -38,23 +38,28 @@ pub struct Site {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewSite {
+    #[schema(pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,100}$")]
     pub name: String,
 }
 
 /// 404 unless the site exists in this tenant.
 pub async fn site_exists(db: &Db, tenant_id: &str, site_id: &str) -> ApiResult<()> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT id FROM sites WHERE id = $1 AND tenant_id = $2")
-        .bind(site_id)
-        .bind(tenant_id)
-        .fetch_optional(&db.pool)
-        .await?;
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM sites WHERE id = $1 AND tenant_id = $2")
+            .bind(site_id)
+            .bind(tenant_id)
+            .fetch_optional(&db.pool)
+            .await?;
     row.map(|_| ()).ok_or_else(|| ApiError::not_found("site"))
 }
 
 /// The tenant's sites (a key limited to one site sees that one).
 #[utoipa::path(get, path = "/v1/sites", tag = "fleet", security(("bearer" = [])),
     responses((status = 200, body = Vec<Site>), (status = 401, body = ErrorBody)))]
-pub async fn list_sites(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Vec<Site>>> {
+pub async fn list_sites(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Vec<Site>>> {
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT id, name, created_at FROM sites WHERE tenant_id = $1 AND ($2 = '' OR id = $2) ORDER BY name",
     )
@@ -62,7 +67,15 @@ pub async fn list_sites(State(state): State<AppState>, principal: Principal) -> 
     .bind(principal.scope.site_id.clone().unwrap_or_default())
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(rows.into_iter().map(|(id, name, created_at)| Site { id, name, created_at }).collect()))
+    Ok(Json(
+        rows.into_iter()
+            .map(|(id, name, created_at)| Site {
+                id,
+                name,
+                created_at,
+            })
+            .collect(),
+    ))
 }
 
 /// One site.
@@ -74,7 +87,12 @@ pub async fn get_site(
     principal: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Site>> {
-    if principal.scope.site_id.as_ref().is_some_and(|site| *site != id) {
+    if principal
+        .scope
+        .site_id
+        .as_ref()
+        .is_some_and(|site| *site != id)
+    {
         return Err(ApiError::not_found("site"));
     }
     let row: Option<(String, String, i64)> =
@@ -84,7 +102,11 @@ pub async fn get_site(
             .fetch_optional(&state.db.pool)
             .await?;
     let (id, name, created_at) = row.ok_or_else(|| ApiError::not_found("site"))?;
-    Ok(Json(Site { id, name, created_at }))
+    Ok(Json(Site {
+        id,
+        name,
+        created_at,
+    }))
 }
 
 /// Create a site.
@@ -99,20 +121,34 @@ pub async fn create_site(
     principal.require(Role::Installer)?;
     principal.require_unscoped()?;
     validate_display_name(&request.name, "site name")?;
-    let site = Site { id: new_id("st"), name: request.name, created_at: now_ms() };
+    let site = Site {
+        id: new_id("st"),
+        name: request.name,
+        created_at: now_ms(),
+    };
     let mut tx = state.db.pool.begin().await?;
-    let inserted = sqlx::query("INSERT INTO sites (id, tenant_id, name, created_at) VALUES ($1, $2, $3, $4)")
-        .bind(&site.id)
-        .bind(&principal.tenant_id)
-        .bind(&site.name)
-        .bind(site.created_at)
-        .execute(&mut *tx)
-        .await;
+    let inserted =
+        sqlx::query("INSERT INTO sites (id, tenant_id, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&site.id)
+            .bind(&principal.tenant_id)
+            .bind(&site.name)
+            .bind(site.created_at)
+            .execute(&mut *tx)
+            .await;
     match inserted {
-        Err(err) if is_unique_violation(&err) => return Err(ApiError::conflict("a site with this name exists")),
+        Err(err) if is_unique_violation(&err) => {
+            return Err(ApiError::conflict("a site with this name exists"))
+        }
         other => other?,
     };
-    audit::record(&mut *tx, &principal, "site.create", &site.id, serde_json::json!({"name": site.name})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "site.create",
+        &site.id,
+        serde_json::json!({"name": site.name}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(site)))
 }
@@ -121,7 +157,9 @@ fn validate_display_name(name: &str, what: &str) -> ApiResult<()> {
     if (1..=100).contains(&name.chars().count()) && !name.chars().any(char::is_control) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!("a {what} is 1-100 printable characters")))
+        Err(ApiError::bad_request(format!(
+            "a {what} is 1-100 printable characters"
+        )))
     }
 }
 
@@ -132,6 +170,8 @@ fn validate_display_name(name: &str, what: &str) -> ApiResult<()> {
 pub struct NewEnrollmentToken {
     pub site_id: String,
     /// Hours until the token expires (1 up to the service's limit, a week by default).
+    #[schema(minimum = 1, maximum = 168)]
+    #[serde(deserialize_with = "crate::api::whole_u32")]
     pub expires_in_hours: u32,
 }
 
@@ -164,13 +204,20 @@ pub async fn create_enrollment_token(
     ApiJson(request): ApiJson<NewEnrollmentToken>,
 ) -> ApiResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
     principal.require(Role::Installer)?;
-    if principal.scope.site_id.as_ref().is_some_and(|site| *site != request.site_id) {
+    if principal
+        .scope
+        .site_id
+        .as_ref()
+        .is_some_and(|site| *site != request.site_id)
+    {
         return Err(ApiError::not_found("site"));
     }
     site_exists(&state.db, &principal.tenant_id, &request.site_id).await?;
     let max_hours = state.config.gateways.max_enrollment_token_hours;
     if request.expires_in_hours == 0 || u64::from(request.expires_in_hours) > max_hours {
-        return Err(ApiError::bad_request(format!("expires_in_hours is 1..={max_hours}")));
+        return Err(ApiError::bad_request(format!(
+            "expires_in_hours is 1..={max_hours}"
+        )));
     }
     let secret = format!("fge_{}", random_hex(32));
     let now = now_ms();
@@ -197,10 +244,19 @@ pub async fn create_enrollment_token(
     .bind(token.expires_at)
     .execute(&mut *tx)
     .await?;
-    audit::record(&mut *tx, &principal, "enrollment_token.create", &token.id,
-        serde_json::json!({"site_id": token.site_id, "expires_at": token.expires_at})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "enrollment_token.create",
+        &token.id,
+        serde_json::json!({"site_id": token.site_id, "expires_at": token.expires_at}),
+    )
+    .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(CreatedEnrollmentToken { token, secret })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedEnrollmentToken { token, secret }),
+    ))
 }
 
 /// The tenant's enrollment tokens (never their secrets).
@@ -211,7 +267,15 @@ pub async fn list_enrollment_tokens(
     principal: Principal,
 ) -> ApiResult<Json<Vec<EnrollmentToken>>> {
     principal.require(Role::Installer)?;
-    type Row = (String, String, String, i64, i64, Option<i64>, Option<String>);
+    type Row = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, site_id, created_by, created_at, expires_at, used_at, gateway_id FROM enrollment_tokens \
          WHERE tenant_id = $1 AND ($2 = '' OR site_id = $2) ORDER BY created_at DESC, id",
@@ -222,15 +286,19 @@ pub async fn list_enrollment_tokens(
     .await?;
     Ok(Json(
         rows.into_iter()
-            .map(|(id, site_id, created_by, created_at, expires_at, used_at, gateway_id)| EnrollmentToken {
-                id,
-                site_id,
-                created_by,
-                created_at,
-                expires_at,
-                used_at,
-                gateway_id,
-            })
+            .map(
+                |(id, site_id, created_by, created_at, expires_at, used_at, gateway_id)| {
+                    EnrollmentToken {
+                        id,
+                        site_id,
+                        created_by,
+                        created_at,
+                        expires_at,
+                        used_at,
+                        gateway_id,
+                    }
+                },
+            )
             .collect(),
     ))
 }
@@ -242,9 +310,11 @@ pub struct EnrollRequest {
     /// The site the gateway is installed at; must be the token's.
     pub site_id: String,
     /// The gateway's name, unique in the tenant.
+    #[schema(pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,100}$")]
     pub name: String,
     /// A PKCS#10 certificate signing request (PEM) for the gateway's own key pair.
     pub csr_pem: String,
+    #[schema(max_length = 64)]
     pub version: Option<String>,
 }
 
@@ -272,16 +342,24 @@ pub async fn enroll(
 ) -> ApiResult<(StatusCode, Json<IssuedCertificate>)> {
     let limiter_key = [format!("enroll-ip:{ip}")];
     if let Some(wait) = state.logins.locked_for(&limiter_key) {
-        return Err(ApiError::rate_limited("too many failed enrollments from this address", wait));
+        return Err(ApiError::rate_limited(
+            "too many failed enrollments from this address",
+            wait,
+        ));
     }
     let result = enroll_inner(&state, &ip, request).await;
-    if matches!(&result, Err(err) if err.status == StatusCode::UNAUTHORIZED || err.status == StatusCode::FORBIDDEN) {
+    if matches!(&result, Err(err) if err.status == StatusCode::UNAUTHORIZED || err.status == StatusCode::FORBIDDEN)
+    {
         state.logins.record_failure(&limiter_key);
     }
     result.map(|issued| (StatusCode::CREATED, Json(issued)))
 }
 
-async fn enroll_inner(state: &AppState, ip: &str, request: EnrollRequest) -> ApiResult<IssuedCertificate> {
+async fn enroll_inner(
+    state: &AppState,
+    ip: &str,
+    request: EnrollRequest,
+) -> ApiResult<IssuedCertificate> {
     validate_display_name(&request.name, "gateway name")?;
     if request.version.as_ref().is_some_and(|v| v.len() > 64) {
         return Err(ApiError::bad_request("version is at most 64 characters"));
@@ -298,20 +376,25 @@ async fn enroll_inner(state: &AppState, ip: &str, request: EnrollRequest) -> Api
     .fetch_optional(&mut *tx)
     .await?;
     let Some((token_id, tenant_id, site_id)) = spent else {
-        let known: Option<(i64, Option<i64>)> =
-            sqlx::query_as("SELECT expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1")
-                .bind(secret_hash(&request.token))
-                .fetch_optional(&mut *tx)
-                .await?;
+        let known: Option<(i64, Option<i64>)> = sqlx::query_as(
+            "SELECT expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1",
+        )
+        .bind(secret_hash(&request.token))
+        .fetch_optional(&mut *tx)
+        .await?;
         return Err(match known {
             None => ApiError::unauthorized("unknown enrollment token"),
-            Some((_, Some(_))) => ApiError::unauthorized("this enrollment token has been used already"),
+            Some((_, Some(_))) => {
+                ApiError::unauthorized("this enrollment token has been used already")
+            }
             Some(_) => ApiError::unauthorized("this enrollment token has expired"),
         });
     };
     if site_id != request.site_id {
         // Dropping the transaction rolls the spending back: the token stays good for its site.
-        return Err(ApiError::forbidden("this enrollment token is for another site"));
+        return Err(ApiError::forbidden(
+            "this enrollment token is for another site",
+        ));
     }
     let (ca_pem, ca_key): (String, String) =
         sqlx::query_as("SELECT ca_cert_pem, ca_key_pem FROM tenants WHERE id = $1")
@@ -337,7 +420,7 @@ async fn enroll_inner(state: &AppState, ip: &str, request: EnrollRequest) -> Api
     match inserted {
         Err(err) if is_unique_violation(&err) => {
             return Err(ApiError::conflict(
-                "a gateway with this name exists in the tenant; decommission it or pick another name",
+                "an active gateway with this name exists in the tenant; decommission it or pick another name",
             ))
         }
         other => other?,
@@ -401,11 +484,22 @@ impl FromRequestParts<AppState> for GatewayIdentity {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let cert = parts.extensions.get::<ClientCert>().ok_or_else(|| {
-            ApiError::unauthorized("this endpoint needs the gateway's client certificate (mutual TLS)")
+            ApiError::unauthorized(
+                "this endpoint needs the gateway's client certificate (mutual TLS)",
+            )
         })?;
         let fingerprint = pki::fingerprint(&cert.0);
         let now = now_ms();
-        type Row = (String, String, i64, i64, i64, Option<i64>, Option<i64>, String);
+        type Row = (
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            String,
+        );
         let row: Option<Row> = sqlx::query_as(
             "SELECT c.tenant_id, c.gateway_id, c.not_before, c.not_after, c.issued_at, c.first_used_at, c.revoked_at, g.status \
              FROM gateway_certs c JOIN gateways g ON g.id = c.gateway_id AND g.tenant_id = c.tenant_id \
@@ -414,17 +508,33 @@ impl FromRequestParts<AppState> for GatewayIdentity {
         .bind(&fingerprint)
         .fetch_optional(&state.db.pool)
         .await?;
-        let Some((tenant_id, gateway_id, not_before, not_after, issued_at, first_used_at, revoked_at, status)) = row else {
-            return Err(ApiError::unauthorized("the client certificate was not issued to any gateway"));
+        let Some((
+            tenant_id,
+            gateway_id,
+            not_before,
+            not_after,
+            issued_at,
+            first_used_at,
+            revoked_at,
+            status,
+        )) = row
+        else {
+            return Err(ApiError::unauthorized(
+                "the client certificate was not issued to any gateway",
+            ));
         };
         if status != "active" {
             return Err(ApiError::forbidden("this gateway has been decommissioned"));
         }
         if revoked_at.is_some() {
-            return Err(ApiError::unauthorized("this client certificate has been revoked"));
+            return Err(ApiError::unauthorized(
+                "this client certificate has been revoked",
+            ));
         }
         if now < not_before || now >= not_after {
-            return Err(ApiError::unauthorized("this client certificate has expired; enroll again"));
+            return Err(ApiError::unauthorized(
+                "this client certificate has expired; enroll again",
+            ));
         }
         let identity = GatewayIdentity {
             tenant_id,
@@ -440,7 +550,12 @@ impl FromRequestParts<AppState> for GatewayIdentity {
 }
 
 /// The first request with a new certificate: revoke the ones issued before it.
-async fn complete_rotation(db: &Db, identity: &GatewayIdentity, issued_at: i64, now: i64) -> Result<(), sqlx::Error> {
+async fn complete_rotation(
+    db: &Db,
+    identity: &GatewayIdentity,
+    issued_at: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
     let mut tx = db.pool.begin().await?;
     let first = sqlx::query("UPDATE gateway_certs SET first_used_at = $1 WHERE fingerprint = $2 AND first_used_at IS NULL")
         .bind(now)
@@ -459,9 +574,16 @@ async fn complete_rotation(db: &Db, identity: &GatewayIdentity, issued_at: i64, 
         .execute(&mut *tx)
         .await?;
         if revoked.rows_affected() > 0 {
-            audit::record_as(&mut *tx, &identity.tenant_id, &format!("gateway:{}", identity.gateway_id),
-                &identity.source_ip, "gateway.certificate.rotated", &identity.gateway_id,
-                serde_json::json!({"revoked_previous": revoked.rows_affected()})).await?;
+            audit::record_as(
+                &mut *tx,
+                &identity.tenant_id,
+                &format!("gateway:{}", identity.gateway_id),
+                &identity.source_ip,
+                "gateway.certificate.rotated",
+                &identity.gateway_id,
+                serde_json::json!({"revoked_previous": revoked.rows_affected()}),
+            )
+            .await?;
         }
     }
     tx.commit().await
@@ -489,13 +611,34 @@ pub async fn renew_certificate(
             .fetch_one(&state.db.pool)
             .await?;
     let validity = Duration::from_secs(state.config.gateways.cert_validity_days * 86_400);
-    let issued = pki::sign_gateway_csr(&ca_pem, &ca_key, &request.csr_pem, &gateway.gateway_id, validity)
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let issued = pki::sign_gateway_csr(
+        &ca_pem,
+        &ca_key,
+        &request.csr_pem,
+        &gateway.gateway_id,
+        validity,
+    )
+    .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
     let now = now_ms();
     let mut tx = state.db.pool.begin().await?;
-    insert_cert(&mut tx, &gateway.tenant_id, &gateway.gateway_id, &issued, now).await?;
-    audit::record_as(&mut *tx, &gateway.tenant_id, &format!("gateway:{}", gateway.gateway_id), &gateway.source_ip,
-        "gateway.certificate.renew", &gateway.gateway_id, serde_json::json!({"serial": issued.serial})).await?;
+    insert_cert(
+        &mut tx,
+        &gateway.tenant_id,
+        &gateway.gateway_id,
+        &issued,
+        now,
+    )
+    .await?;
+    audit::record_as(
+        &mut *tx,
+        &gateway.tenant_id,
+        &format!("gateway:{}", gateway.gateway_id),
+        &gateway.source_ip,
+        "gateway.certificate.renew",
+        &gateway.gateway_id,
+        serde_json::json!({"serial": issued.serial}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -514,7 +657,7 @@ pub async fn renew_certificate(
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum Health {
+pub enum GatewayHealth {
     /// Seen within the last five minutes.
     Online,
     /// Seen before, not lately.
@@ -528,6 +671,7 @@ pub struct Gateway {
     pub id: String,
     pub name: String,
     pub site_id: String,
+    #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
     /// The agent version the gateway last reported.
     pub version: Option<String>,
@@ -536,7 +680,7 @@ pub struct Gateway {
     pub backlog: Option<i64>,
     /// `active` or `decommissioned`.
     pub status: String,
-    pub health: Health,
+    pub health: GatewayHealth,
     pub created_at: i64,
     pub decommissioned_at: Option<i64>,
 }
@@ -553,16 +697,43 @@ pub struct GatewayPage {
 pub struct GatewayQuery {
     pub site_id: Option<String>,
     /// `key=value`.
+    #[param(pattern = "^[^=]+=.+$")]
     pub label: Option<String>,
-    /// `active` or `decommissioned`.
-    pub status: Option<String>,
+    pub status: Option<GatewayStatus>,
     /// The `next_after` of the previous page.
     pub after: Option<String>,
     /// 1..=500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
-type GatewayRow = (String, String, String, Option<String>, Option<i64>, Option<i64>, String, i64, Option<i64>);
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayStatus {
+    Active,
+    Decommissioned,
+}
+
+impl GatewayStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            GatewayStatus::Active => "active",
+            GatewayStatus::Decommissioned => "decommissioned",
+        }
+    }
+}
+
+type GatewayRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    String,
+    i64,
+    Option<i64>,
+);
 
 const GATEWAY_COLUMNS: &str =
     "g.id, g.name, g.site_id, g.version, g.last_seen_at, g.backlog, g.status, g.created_at, g.decommissioned_at";
@@ -574,7 +745,11 @@ fn parse_label(text: &str) -> ApiResult<(String, String)> {
         .ok_or_else(|| ApiError::bad_request("label must be key=value"))
 }
 
-async fn labels_of(db: &Db, tenant_id: &str, ids: &[String]) -> Result<HashMap<String, BTreeMap<String, String>>, sqlx::Error> {
+async fn labels_of(
+    db: &Db,
+    tenant_id: &str,
+    ids: &[String],
+) -> Result<HashMap<String, BTreeMap<String, String>>, sqlx::Error> {
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     if ids.is_empty() {
         return Ok(labels);
@@ -595,17 +770,30 @@ async fn labels_of(db: &Db, tenant_id: &str, ids: &[String]) -> Result<HashMap<S
 }
 
 fn gateway_from_row(row: GatewayRow, labels: BTreeMap<String, String>, now: i64) -> Gateway {
-    let (id, name, site_id, version, last_seen_at, backlog, status, created_at, decommissioned_at) = row;
+    let (id, name, site_id, version, last_seen_at, backlog, status, created_at, decommissioned_at) =
+        row;
     let health = if status != "active" {
-        Health::Decommissioned
+        GatewayHealth::Decommissioned
     } else {
         match last_seen_at {
-            None => Health::NeverSeen,
-            Some(seen) if now - seen <= ONLINE_WITHIN_MS => Health::Online,
-            Some(_) => Health::Stale,
+            None => GatewayHealth::NeverSeen,
+            Some(seen) if now - seen <= ONLINE_WITHIN_MS => GatewayHealth::Online,
+            Some(_) => GatewayHealth::Stale,
         }
     };
-    Gateway { id, name, site_id, labels, version, last_seen_at, backlog, status, health, created_at, decommissioned_at }
+    Gateway {
+        id,
+        name,
+        site_id,
+        labels,
+        version,
+        last_seen_at,
+        backlog,
+        status,
+        health,
+        created_at,
+        decommissioned_at,
+    }
 }
 
 /// Gateways of the tenant (within the caller's scope), filtered, in pages.
@@ -617,15 +805,14 @@ pub async fn list_gateways(
     ApiQuery(query): ApiQuery<GatewayQuery>,
 ) -> ApiResult<Json<GatewayPage>> {
     let limit = page_limit(query.limit, 100, 500)?;
-    if let Some(status) = &query.status {
-        if status != "active" && status != "decommissioned" {
-            return Err(ApiError::bad_request("status is active or decommissioned"));
-        }
-    }
     let label = query.label.as_deref().map(parse_label).transpose()?;
     let scope_label = principal.scope.label.clone();
-    let mut sql = format!("SELECT {GATEWAY_COLUMNS} FROM gateways g WHERE g.tenant_id = $1 AND g.id > $2");
-    let mut binds: Vec<String> = vec![principal.tenant_id.clone(), query.after.clone().unwrap_or_default()];
+    let mut sql =
+        format!("SELECT {GATEWAY_COLUMNS} FROM gateways g WHERE g.tenant_id = $1 AND g.id > $2");
+    let mut binds: Vec<String> = vec![
+        principal.tenant_id.clone(),
+        query.after.clone().unwrap_or_default(),
+    ];
     let mut push = |sql: &mut String, clause: &str, values: &[&str]| {
         let mut clause = clause.to_string();
         for value in values {
@@ -640,8 +827,8 @@ pub async fn list_gateways(
     if let Some(site) = &principal.scope.site_id {
         push(&mut sql, " AND g.site_id = ?", &[site]);
     }
-    if let Some(status) = &query.status {
-        push(&mut sql, " AND g.status = ?", &[status]);
+    if let Some(status) = query.status {
+        push(&mut sql, " AND g.status = ?", &[status.as_str()]);
     }
     for (key, value) in label.iter().chain(scope_label.iter()) {
         push(&mut sql,
@@ -666,8 +853,15 @@ pub async fn list_gateways(
             gateway_from_row(row, l, now)
         })
         .collect();
-    let next_after = if more { gateways.last().map(|g| g.id.clone()) } else { None };
-    Ok(Json(GatewayPage { gateways, next_after }))
+    let next_after = if more {
+        gateways.last().map(|g| g.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(GatewayPage {
+        gateways,
+        next_after,
+    }))
 }
 
 /// A gateway of the caller's tenant and scope, or 404.
@@ -706,9 +900,40 @@ pub async fn get_gateway(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct GatewayUpdate {
+    #[schema(pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,100}$")]
     pub name: Option<String>,
     /// Replaces all labels: at most 32, keys 1-64 of `a-z 0-9 . _ - /`, values 1-128 printable.
+    #[schema(schema_with = optional_labels_schema)]
     pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// The labels object as the schema describes it (what `validate_labels` accepts).
+fn labels_schema() -> utoipa::openapi::Object {
+    labels_object(utoipa::openapi::Type::Object.into())
+}
+
+/// Labels, or null for "leave them as they are".
+fn optional_labels_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::{schema::SchemaType, Type};
+    labels_object(SchemaType::from_iter([Type::Object, Type::Null]))
+}
+
+fn labels_object(schema_type: utoipa::openapi::schema::SchemaType) -> utoipa::openapi::Object {
+    use utoipa::openapi::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(schema_type)
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[a-z0-9._/-]{1,64}$")),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[^\\x00-\\x1F\\x7F-\\x9F]{1,128}$")),
+        ))
+        .max_properties(Some(32))
+        .build()
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> ApiResult<()> {
@@ -717,10 +942,15 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> ApiResult<()> {
     }
     for (key, value) in labels {
         let key_ok = (1..=64).contains(&key.len())
-            && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b));
-        let value_ok = (1..=128).contains(&value.chars().count()) && !value.chars().any(char::is_control);
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b));
+        let value_ok =
+            (1..=128).contains(&value.chars().count()) && !value.chars().any(char::is_control);
         if !key_ok || !value_ok {
-            return Err(ApiError::bad_request(format!("bad label {key:?}: keys are 1-64 of a-z 0-9 . _ - /, values 1-128 printable")));
+            return Err(ApiError::bad_request(format!(
+                "bad label {key:?}: keys are 1-64 of a-z 0-9 . _ - /, values 1-128 printable"
+            )));
         }
     }
     Ok(())
@@ -754,7 +984,9 @@ pub async fn update_gateway(
             .execute(&mut *tx)
             .await;
         match renamed {
-            Err(err) if is_unique_violation(&err) => return Err(ApiError::conflict("another gateway has this name")),
+            Err(err) if is_unique_violation(&err) => {
+                return Err(ApiError::conflict("another gateway has this name"))
+            }
             other => other?,
         };
     }
@@ -774,8 +1006,14 @@ pub async fn update_gateway(
                 .await?;
         }
     }
-    audit::record(&mut *tx, &principal, "gateway.update", &id,
-        serde_json::json!({"name": update.name, "labels": update.labels})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "gateway.update",
+        &id,
+        serde_json::json!({"name": update.name, "labels": update.labels}),
+    )
+    .await?;
     tx.commit().await?;
     load_gateway(&state.db, &principal, &id).await.map(Json)
 }
@@ -810,13 +1048,25 @@ pub async fn decommission_gateway(
         .bind(&principal.tenant_id)
         .execute(&mut *tx)
         .await?;
-    audit::record(&mut *tx, &principal, "gateway.decommission", &id, serde_json::json!({})).await?;
+    audit::record(
+        &mut *tx,
+        &principal,
+        "gateway.decommission",
+        &id,
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
     load_gateway(&state.db, &principal, &id).await.map(Json)
 }
 
 /// Record that a gateway was seen, with what it reported.
-pub async fn touch_gateway(db: &Db, gateway: &GatewayIdentity, version: Option<&str>, backlog: Option<i64>) -> Result<(), sqlx::Error> {
+pub async fn touch_gateway(
+    db: &Db,
+    gateway: &GatewayIdentity,
+    version: Option<&str>,
+    backlog: Option<i64>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE gateways SET last_seen_at = $1, version = COALESCE($2, version), backlog = COALESCE($3, backlog) \
          WHERE id = $4 AND tenant_id = $5",

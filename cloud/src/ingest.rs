@@ -25,7 +25,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use fieldgate_shared::api::IngestAck;
-use fieldgate_shared::codec::{BatchMeta, ColumnarBatch, DecodeError, Decoder, EncodeOptions, Encoder, SeriesValues};
+use fieldgate_shared::codec::{
+    BatchMeta, ColumnarBatch, DecodeError, Decoder, EncodeOptions, Encoder, SeriesValues,
+};
 use fieldgate_shared::model::{Reading, ValueKind};
 
 use crate::config::Limits;
@@ -74,11 +76,14 @@ impl IngestState {
     async fn admit(&self, db: &Db, tenant_id: &str, readings: u64) -> ApiResult<()> {
         let known = lock(&self.buckets).contains_key(tenant_id);
         if !known {
-            let (rate,): (Option<i64>,) = sqlx::query_as("SELECT ingest_readings_per_s FROM tenants WHERE id = $1")
-                .bind(tenant_id)
-                .fetch_one(&db.pool)
-                .await?;
-            let rate = rate.map(|r| r.max(1) as u64).unwrap_or(self.limits.ingest_readings_per_s);
+            let (rate,): (Option<i64>,) =
+                sqlx::query_as("SELECT ingest_readings_per_s FROM tenants WHERE id = $1")
+                    .bind(tenant_id)
+                    .fetch_one(&db.pool)
+                    .await?;
+            let rate = rate
+                .map(|r| r.max(1) as u64)
+                .unwrap_or(self.limits.ingest_readings_per_s);
             // A bucket holds at least one largest batch, so every batch can pass eventually.
             let capacity = rate.max(u64::from(self.limits.max_batch_readings));
             lock(&self.buckets)
@@ -89,7 +94,10 @@ impl IngestState {
         let bucket = buckets.get_mut(tenant_id).expect("inserted above");
         bucket.take(readings, Instant::now()).map_err(|wait_s| {
             ApiError::rate_limited(
-                format!("the tenant's ingest rate ({} readings/s) is exceeded; retry later", bucket.rate),
+                format!(
+                    "the tenant's ingest rate ({} readings/s) is exceeded; retry later",
+                    bucket.rate
+                ),
                 wait_s,
             )
         })
@@ -102,7 +110,9 @@ impl IngestState {
     fn encoder(&self) -> ApiResult<Encoder> {
         match lock(&self.encoders).pop() {
             Some(encoder) => Ok(encoder),
-            None => Encoder::new(EncodeOptions::default()).map_err(|e| anyhow::anyhow!("{e}").into()),
+            None => {
+                Encoder::new(EncodeOptions::default()).map_err(|e| anyhow::anyhow!("{e}").into())
+            }
         }
     }
 
@@ -121,7 +131,9 @@ impl IngestState {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Readings-per-second limiter with a burst capacity.
@@ -135,7 +147,12 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(rate: u64, capacity: u64) -> Self {
-        Self { rate, capacity, tokens: capacity as f64, at: Instant::now() }
+        Self {
+            rate,
+            capacity,
+            tokens: capacity as f64,
+            at: Instant::now(),
+        }
     }
 
     /// Take `n` tokens, or the whole seconds until they will be there.
@@ -147,7 +164,9 @@ impl TokenBucket {
             self.tokens -= n as f64;
             Ok(())
         } else {
-            Err(((n as f64 - self.tokens) / self.rate as f64).ceil().max(1.0) as u64)
+            Err(((n as f64 - self.tokens) / self.rate as f64)
+                .ceil()
+                .max(1.0) as u64)
         }
     }
 }
@@ -182,7 +201,9 @@ pub async fn ingest(
         Err(err) => state.metrics.ingest_rejected(&err.body.code),
     }
     if state.ingest.should_touch(&gateway.gateway_id) {
-        let backlog = header_str(&headers, HEADER_BACKLOG).and_then(|v| v.parse::<i64>().ok()).filter(|v| *v >= 0);
+        let backlog = header_str(&headers, HEADER_BACKLOG)
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|v| *v >= 0);
         let version = header_str(&headers, HEADER_VERSION).filter(|v| v.len() <= 64);
         touch_gateway(&state.db, &gateway, version, backlog).await?;
     }
@@ -207,16 +228,32 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn ingest_inner(state: &AppState, gateway: &GatewayIdentity, headers: &HeaderMap, body: Body) -> ApiResult<IngestAck> {
+async fn ingest_inner(
+    state: &AppState,
+    gateway: &GatewayIdentity,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<IngestAck> {
     let limits = &state.config.limits;
     let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large",
-            format!("a batch is at most {} bytes and {} readings", limits.max_batch_bytes, limits.max_batch_readings))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "a batch is at most {} bytes and {} readings",
+                limits.max_batch_bytes, limits.max_batch_readings
+            ),
+        )
     };
-    if header_str(headers, "content-length").and_then(|v| v.parse::<usize>().ok()).is_some_and(|n| n > limits.max_batch_bytes) {
+    if header_str(headers, "content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limits.max_batch_bytes)
+    {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, limits.max_batch_bytes).await.map_err(|_| too_large())?;
+    let bytes = axum::body::to_bytes(body, limits.max_batch_bytes)
+        .await
+        .map_err(|_| too_large())?;
     let header = Decoder::header(&bytes).map_err(bad_batch)?;
     if header.count > limits.max_batch_readings {
         return Err(too_large());
@@ -224,22 +261,31 @@ async fn ingest_inner(state: &AppState, gateway: &GatewayIdentity, headers: &Hea
     if header.gateway.as_str() != gateway.gateway_id {
         return Err(ApiError::forbidden(format!(
             "the batch names gateway {:?} but the certificate is gateway {:?}",
-            header.gateway.as_str(), gateway.gateway_id
+            header.gateway.as_str(),
+            gateway.gateway_id
         )));
     }
-    state.ingest.admit(&state.db, &gateway.tenant_id, u64::from(header.count)).await?;
+    state
+        .ingest
+        .admit(&state.db, &gateway.tenant_id, u64::from(header.count))
+        .await?;
 
     let mut decoder = state.ingest.decoder();
     let mut batch = ColumnarBatch::default();
     let decoded = decoder.decode_into(&bytes, &mut batch);
     lock(&state.ingest.decoders).push(decoder);
     decoded.map_err(bad_batch)?;
-    let declared_loss = header_str(headers, HEADER_DECLARED_LOSS).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let declared_loss =
+        header_str(headers, HEADER_DECLARED_LOSS).is_some_and(|v| v.eq_ignore_ascii_case("true"));
     store_batch(state, gateway, &batch, declared_loss).await
 }
 
 fn bad_batch(err: DecodeError) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "bad_batch", format!("the batch cannot be decoded: {err}"))
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_batch",
+        format!("the batch cannot be decoded: {err}"),
+    )
 }
 
 fn stream_gap(next_seq: u64, first_seq: u64) -> ApiError {
@@ -250,7 +296,12 @@ fn stream_gap(next_seq: u64, first_seq: u64) -> ApiError {
     err
 }
 
-async fn store_batch(state: &AppState, gateway: &GatewayIdentity, batch: &ColumnarBatch, declared_loss: bool) -> ApiResult<IngestAck> {
+async fn store_batch(
+    state: &AppState,
+    gateway: &GatewayIdentity,
+    batch: &ColumnarBatch,
+    declared_loss: bool,
+) -> ApiResult<IngestAck> {
     let header = batch.header();
     let stream = header.stream.as_str();
     let span = header.seq_span();
@@ -360,7 +411,17 @@ async fn store_batch(state: &AppState, gateway: &GatewayIdentity, batch: &Column
             }
             sql.push_str(&format!(
                 "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9, b + 10, b + 11
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9,
+                b + 10,
+                b + 11
             ));
         }
         let mut query = sqlx::query(&sql);
@@ -395,10 +456,19 @@ async fn store_batch(state: &AppState, gateway: &GatewayIdentity, batch: &Column
         }
         cache.extend(new_series);
     }
-    Ok(ack(header.last_seq, stored, u64::from(header.count) - stored))
+    Ok(ack(
+        header.last_seq,
+        stored,
+        u64::from(header.count) - stored,
+    ))
 }
 
-async fn series_id(tx: &mut sqlx::Transaction<'_, sqlx::Any>, tenant_id: &str, key: &SeriesKey, now: i64) -> Result<String, sqlx::Error> {
+async fn series_id(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tenant_id: &str,
+    key: &SeriesKey,
+    now: i64,
+) -> Result<String, sqlx::Error> {
     sqlx::query(
         "INSERT INTO series (id, tenant_id, gateway_id, stream, device, metric, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
          ON CONFLICT (gateway_id, stream, device, metric) DO NOTHING",
@@ -446,7 +516,12 @@ pub(crate) fn kind_name(kind: ValueKind) -> &'static str {
 }
 
 /// Split a batch into per-series chunks, leaving out its first `skip` readings (arrival order).
-fn build_chunks(state: &AppState, batch: &ColumnarBatch, skip: usize, first_seq: u64) -> ApiResult<Vec<Chunk>> {
+fn build_chunks(
+    state: &AppState,
+    batch: &ColumnarBatch,
+    skip: usize,
+    first_seq: u64,
+) -> ApiResult<Vec<Chunk>> {
     if skip >= batch.len() {
         return Ok(Vec::new());
     }
@@ -471,7 +546,8 @@ fn build_chunks(state: &AppState, batch: &ColumnarBatch, skip: usize, first_seq:
         }
         let view = batch.view(info);
         readings.clear();
-        let (mut min, mut max, mut sum, mut numeric) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64, false);
+        let (mut min, mut max, mut sum, mut numeric) =
+            (f64::INFINITY, f64::NEG_INFINITY, 0.0f64, false);
         for i in from..info.len {
             let value = view.values.get(i);
             let number = match view.values {
@@ -494,7 +570,9 @@ fn build_chunks(state: &AppState, batch: &ColumnarBatch, skip: usize, first_seq:
             });
         }
         let ts = &view.ts_ms[from..];
-        let data = encoder.encode(&meta, &readings).map_err(|e| anyhow::anyhow!("encoding a chunk: {e}"))?;
+        let data = encoder
+            .encode(&meta, &readings)
+            .map_err(|e| anyhow::anyhow!("encoding a chunk: {e}"))?;
         chunks.push(Chunk {
             device: view.device.as_str().to_string(),
             metric: view.metric.as_str().to_string(),

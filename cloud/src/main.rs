@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use fieldgate_cloud::{accounts, api, CloudConfig, Db};
 
 #[derive(Parser)]
-#[command(name = "fieldgate-cloud", version, about = "The Fieldgate cloud service")]
+#[command(
+    name = "fieldgate-cloud",
+    version,
+    about = "The Fieldgate cloud service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -101,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("fieldgate-cloud: loopback HTTP API on http://{addr}");
             }
             if let Some(ca) = &cloud.ca_path {
-                eprintln!("fieldgate-cloud: clients trust the service CA in {}", ca.display());
+                eprintln!(
+                    "fieldgate-cloud: clients trust the service CA in {}",
+                    ca.display()
+                );
             }
             tokio::select! {
                 result = cloud.wait() => result?,
@@ -117,7 +124,12 @@ async fn main() -> anyhow::Result<()> {
             println!("applied migrations: {applied:?}");
             Ok(())
         }
-        Command::Admin(Admin::CreateTenant { at, name, owner_email, json }) => {
+        Command::Admin(Admin::CreateTenant {
+            at,
+            name,
+            owner_email,
+            json,
+        }) => {
             let config = at.load()?;
             std::fs::create_dir_all(&config.data_dir)?;
             let db = Db::connect(&config.database_url()).await?;

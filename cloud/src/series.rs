@@ -45,12 +45,25 @@ pub struct SeriesQuery {
     /// The `next_after` of the previous page.
     pub after: Option<String>,
     /// 1..=500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
-type SeriesRow = (String, String, String, String, String, String, String, Option<i64>, Option<i64>, Option<i64>);
+type SeriesRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
 
-const SERIES_SELECT: &str = "SELECT s.id, s.gateway_id, s.stream, s.device, s.metric, g.site_id, g.status, \
+const SERIES_SELECT: &str =
+    "SELECT s.id, s.gateway_id, s.stream, s.device, s.metric, g.site_id, g.status, \
      (SELECT CAST(SUM(c.count) AS BIGINT) FROM chunks c WHERE c.series_id = s.id), \
      (SELECT MIN(c.first_ts) FROM chunks c WHERE c.series_id = s.id), \
      (SELECT MAX(c.last_ts) FROM chunks c WHERE c.series_id = s.id) \
@@ -58,7 +71,16 @@ const SERIES_SELECT: &str = "SELECT s.id, s.gateway_id, s.stream, s.device, s.me
 
 fn series_from_row(row: SeriesRow) -> Series {
     let (id, gateway_id, stream, device, metric, _site, _status, count, first_ts, last_ts) = row;
-    Series { id, gateway_id, stream, device, metric, count: count.unwrap_or(0), first_ts, last_ts }
+    Series {
+        id,
+        gateway_id,
+        stream,
+        device,
+        metric,
+        count: count.unwrap_or(0),
+        first_ts,
+        last_ts,
+    }
 }
 
 /// Series of the tenant (within the caller's scope), filtered, in pages.
@@ -71,7 +93,10 @@ pub async fn list_series(
 ) -> ApiResult<Json<SeriesPage>> {
     let limit = page_limit(query.limit, 100, 500)?;
     let mut sql = format!("{SERIES_SELECT} WHERE s.tenant_id = $1 AND s.id > $2");
-    let mut binds = vec![principal.tenant_id.clone(), query.after.clone().unwrap_or_default()];
+    let mut binds = vec![
+        principal.tenant_id.clone(),
+        query.after.clone().unwrap_or_default(),
+    ];
     let mut filter = |column: &str, value: &Option<String>| {
         if let Some(value) = value {
             binds.push(value.clone());
@@ -101,16 +126,22 @@ pub async fn list_series(
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let series: Vec<Series> = rows.into_iter().map(series_from_row).collect();
-    let next_after = if more { series.last().map(|s| s.id.clone()) } else { None };
+    let next_after = if more {
+        series.last().map(|s| s.id.clone())
+    } else {
+        None
+    };
     Ok(Json(SeriesPage { series, next_after }))
 }
 
 async fn load_series(state: &AppState, principal: &Principal, id: &str) -> ApiResult<Series> {
-    let row: Option<SeriesRow> = sqlx::query_as(&format!("{SERIES_SELECT} WHERE s.id = $1 AND s.tenant_id = $2"))
-        .bind(id)
-        .bind(&principal.tenant_id)
-        .fetch_optional(&state.db.pool)
-        .await?;
+    let row: Option<SeriesRow> = sqlx::query_as(&format!(
+        "{SERIES_SELECT} WHERE s.id = $1 AND s.tenant_id = $2"
+    ))
+    .bind(id)
+    .bind(&principal.tenant_id)
+    .fetch_optional(&state.db.pool)
+    .await?;
     let series = series_from_row(row.ok_or_else(|| ApiError::not_found("series"))?);
     // The key's scope decides through the gateway; outside it the series does not exist.
     load_gateway(&state.db, principal, &series.gateway_id)
@@ -139,8 +170,10 @@ pub struct ReadingsQuery {
     /// Up to this time (ms, exclusive).
     pub to: Option<i64>,
     /// The `next_after` of the previous page.
+    #[param(pattern = "^-?[0-9]{1,18}:[0-9]{1,9}$")]
     pub after: Option<String>,
     /// 1..=10000, default 1000.
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
 }
 
@@ -203,9 +236,17 @@ pub async fn readings(
             break;
         }
         for (first_seq, data) in &chunks {
-            let batch = decoder.decode(data).map_err(|e| anyhow::anyhow!("stored chunk {first_seq} of {id}: {e}"))?;
-            let start = if *first_seq == after_seq { after_index } else { 0 };
-            let Some(info) = batch.series.first() else { continue };
+            let batch = decoder
+                .decode(data)
+                .map_err(|e| anyhow::anyhow!("stored chunk {first_seq} of {id}: {e}"))?;
+            let start = if *first_seq == after_seq {
+                after_index
+            } else {
+                0
+            };
+            let Some(info) = batch.series.first() else {
+                continue;
+            };
             let view = batch.view(info);
             for i in start..info.len {
                 let ts = view.ts_ms[i];
@@ -219,7 +260,9 @@ pub async fn readings(
                 out.push(ReadingOut {
                     ts_ms: ts,
                     value: match view.values.get(i) {
-                        Value::F64(x) => serde_json::Number::from_f64(x).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null),
+                        Value::F64(x) => serde_json::Number::from_f64(x)
+                            .map(serde_json::Value::Number)
+                            .unwrap_or(serde_json::Value::Null),
                         Value::I64(x) => serde_json::Value::from(x),
                         Value::Bool(b) => serde_json::Value::Bool(b),
                         Value::Str(s) => serde_json::Value::String(s.as_str().to_string()),
@@ -235,5 +278,9 @@ pub async fn readings(
         }
         seq_cursor = chunks.last().map(|(s, _)| s + 1).unwrap_or(i64::MAX);
     }
-    Ok(Json(ReadingsPage { series_id: series.id, readings: out, next_after }))
+    Ok(Json(ReadingsPage {
+        series_id: series.id,
+        readings: out,
+        next_after,
+    }))
 }

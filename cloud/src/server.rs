@@ -35,7 +35,11 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<RunningCloud> {
     let db = Db::connect(&config.database_url()).await?;
     db.migrate().await?;
     let identity = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => ServerIdentity { cert_path: cert.clone(), key_path: key.clone(), ca_path: None },
+        (Some(cert), Some(key)) => ServerIdentity {
+            cert_path: cert.clone(),
+            key_path: key.clone(),
+            ca_path: None,
+        },
         _ => ensure_local_server_identity(&config.data_dir.join("tls"), &config.tls.names)?,
     };
     let tls_config = tls::server_config(&identity)?;
@@ -43,7 +47,11 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<RunningCloud> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let http = match config.http_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
         None => None,
     };
     let https_addr = https.local_addr()?;
@@ -52,12 +60,24 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<RunningCloud> {
     let app = api::router(state);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    tasks.spawn(tls::serve_tls(https, tls_config, app.clone(), stopped.clone()));
+    tasks.spawn(tls::serve_tls(
+        https,
+        tls_config,
+        app.clone(),
+        stopped.clone(),
+    ));
     if let Some(http) = http {
         tasks.spawn(tls::serve_plain_loopback(http, app, stopped));
     }
     tracing::info!(%https_addr, ?http_addr, backend = ?db.backend, "cloud serving");
-    Ok(RunningCloud { https_addr, http_addr, ca_path: identity.ca_path, db, stop, tasks })
+    Ok(RunningCloud {
+        https_addr,
+        http_addr,
+        ca_path: identity.ca_path,
+        db,
+        stop,
+        tasks,
+    })
 }
 
 impl RunningCloud {

@@ -24,65 +24,114 @@ async fn setup(backend: Backend) -> Option<(TestCloud, support::Tenant, support:
 }
 
 async fn the_same_batch_three_times_is_stored_once(backend: Backend) {
-    let Some((cloud, tenant, gw)) = setup(backend).await else { return };
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
     let b = batch(&gw.id, "raw", 0, 999);
     let (status, ack) = cloud.ingest(&gw, &b).await;
     assert_eq!(status, StatusCode::OK, "{ack}");
-    assert_eq!((ack["stored"].as_u64(), ack["duplicates"].as_u64(), ack["high_water_mark"].as_u64()), (Some(1000), Some(0), Some(999)));
+    assert_eq!(
+        (
+            ack["stored"].as_u64(),
+            ack["duplicates"].as_u64(),
+            ack["high_water_mark"].as_u64()
+        ),
+        (Some(1000), Some(0), Some(999))
+    );
     for _ in 0..2 {
         let (status, ack) = cloud.ingest(&gw, &b).await;
         assert_eq!(status, StatusCode::OK, "{ack}");
-        assert_eq!((ack["stored"].as_u64(), ack["duplicates"].as_u64()), (Some(0), Some(1000)));
+        assert_eq!(
+            (ack["stored"].as_u64(), ack["duplicates"].as_u64()),
+            (Some(0), Some(1000))
+        );
     }
-    assert_eq!(cloud.stored_readings(&tenant.key, &gw.id).await, expected(0..1000));
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected(0..1000)
+    );
     cloud.stop().await;
 }
 
 async fn overlapping_batches_are_trimmed(backend: Backend) {
-    let Some((cloud, tenant, gw)) = setup(backend).await else { return };
-    assert_eq!(cloud.ingest(&gw, &batch(&gw.id, "raw", 0, 99)).await.0, StatusCode::OK);
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
+    assert_eq!(
+        cloud.ingest(&gw, &batch(&gw.id, "raw", 0, 99)).await.0,
+        StatusCode::OK
+    );
     let (status, ack) = cloud.ingest(&gw, &batch(&gw.id, "raw", 50, 149)).await;
     assert_eq!(status, StatusCode::OK, "{ack}");
-    assert_eq!((ack["stored"].as_u64(), ack["duplicates"].as_u64()), (Some(50), Some(50)));
+    assert_eq!(
+        (ack["stored"].as_u64(), ack["duplicates"].as_u64()),
+        (Some(50), Some(50))
+    );
     let (status, ack) = cloud.ingest(&gw, &batch(&gw.id, "raw", 149, 149)).await;
     assert_eq!((status, ack["stored"].as_u64()), (StatusCode::OK, Some(0)));
-    assert_eq!(cloud.stored_readings(&tenant.key, &gw.id).await, expected(0..150));
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected(0..150)
+    );
     cloud.stop().await;
 }
 
 async fn gaps_are_refused_with_where_to_resume(backend: Backend) {
-    let Some((cloud, tenant, gw)) = setup(backend).await else { return };
-    assert_eq!(cloud.ingest(&gw, &batch(&gw.id, "raw", 10, 19)).await.0, StatusCode::OK, "a stream may start anywhere");
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
+    assert_eq!(
+        cloud.ingest(&gw, &batch(&gw.id, "raw", 10, 19)).await.0,
+        StatusCode::OK,
+        "a stream may start anywhere"
+    );
     let (status, err) = cloud.ingest(&gw, &batch(&gw.id, "raw", 25, 30)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{err}");
     assert_eq!(err["code"], "stream_gap");
     assert_eq!(err["resume_from"].as_u64(), Some(20));
-    assert_eq!(cloud.ingest(&gw, &batch(&gw.id, "raw", 20, 30)).await.0, StatusCode::OK);
-    assert_eq!(cloud.stored_readings(&tenant.key, &gw.id).await, expected(10..31));
+    assert_eq!(
+        cloud.ingest(&gw, &batch(&gw.id, "raw", 20, 30)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected(10..31)
+    );
     cloud.stop().await;
 }
 
 async fn out_of_order_batches_store_each_reading_once(backend: Backend) {
-    let Some((cloud, tenant, gw)) = setup(backend).await else { return };
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
     let batches: Vec<(u64, u64)> = (0..10).map(|i| (i * 100, i * 100 + 99)).collect();
     // A gateway retrying after timeouts: later batches arrive first, earlier ones again.
     let order = [0usize, 2, 1, 3, 5, 4, 4, 6, 9, 7, 8, 9, 0, 5];
     for &i in &order {
         let (first, last) = batches[i];
         let (status, body) = cloud.ingest(&gw, &batch(&gw.id, "raw", first, last)).await;
-        assert!(status == StatusCode::OK || (status == StatusCode::CONFLICT && body["code"] == "stream_gap"), "{status} {body}");
+        assert!(
+            status == StatusCode::OK
+                || (status == StatusCode::CONFLICT && body["code"] == "stream_gap"),
+            "{status} {body}"
+        );
     }
     // Then it catches up from where the cloud said to resume.
     for &(first, last) in &batches {
         let (status, body) = cloud.ingest(&gw, &batch(&gw.id, "raw", first, last)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
-    assert_eq!(cloud.stored_readings(&tenant.key, &gw.id).await, expected(0..1000));
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected(0..1000)
+    );
     cloud.stop().await;
 }
 
 async fn concurrent_senders_store_each_reading_once(backend: Backend) {
-    let Some((cloud, tenant, gw)) = setup(backend).await else { return };
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
     let cloud = std::sync::Arc::new(cloud);
     let gw = std::sync::Arc::new(gw);
     // Four senders race over the same stream, each sending overlapping windows until the cloud
@@ -107,19 +156,36 @@ async fn concurrent_senders_store_each_reading_once(backend: Backend) {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(cloud.stored_readings(&tenant.key, &gw.id).await, expected(0..2000));
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected(0..2000)
+    );
 }
 
 async fn a_declared_loss_is_accepted_and_recorded(backend: Backend) {
-    let Some((cloud, tenant, gw)) = setup(backend).await else { return };
-    assert_eq!(cloud.ingest(&gw, &batch(&gw.id, "raw", 0, 9)).await.0, StatusCode::OK);
-    let (status, ack) = cloud.ingest_with(&gw, &batch(&gw.id, "raw", 100, 109), &[("fieldgate-declared-loss", "true")]).await;
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
+    assert_eq!(
+        cloud.ingest(&gw, &batch(&gw.id, "raw", 0, 9)).await.0,
+        StatusCode::OK
+    );
+    let (status, ack) = cloud
+        .ingest_with(
+            &gw,
+            &batch(&gw.id, "raw", 100, 109),
+            &[("fieldgate-declared-loss", "true")],
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{ack}");
     let gaps: Vec<(i64, i64)> = sqlx::query_as("SELECT from_seq, to_seq FROM stream_gaps")
         .fetch_all(&cloud.db().pool)
         .await
         .unwrap();
     assert_eq!(gaps, vec![(10, 99)]);
-    assert_eq!(cloud.stored_readings(&tenant.key, &gw.id).await, expected((0..10).chain(100..110)));
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected((0..10).chain(100..110))
+    );
     cloud.stop().await;
 }

@@ -31,7 +31,7 @@ macro_rules! backend_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await
+                    super::$name($crate::support::Backend::Sqlite).await
                 }
             )*
         }
@@ -39,7 +39,7 @@ macro_rules! backend_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await
+                    super::$name($crate::support::Backend::Postgres).await
                 }
             )*
         }
@@ -85,12 +85,17 @@ pub async fn postgres_database() -> Option<String> {
         return None;
     };
     use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&admin_url).await.expect("connecting to FIELDGATE_TEST_POSTGRES_URL");
+    let mut conn = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("connecting to FIELDGATE_TEST_POSTGRES_URL");
     let name = format!("fieldgate_test_{}", fieldgate_cloud::ids::random_hex(8));
     sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
         .await
         .expect("creating a test database");
-    let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin_url);
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(&admin_url);
     Some(format!("{base}/{name}"))
 }
 
@@ -100,7 +105,10 @@ impl TestCloud {
         Self::start_with(backend, |_| {}).await
     }
 
-    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut CloudConfig)) -> Option<TestCloud> {
+    pub async fn start_with(
+        backend: Backend,
+        adjust: impl FnOnce(&mut CloudConfig),
+    ) -> Option<TestCloud> {
         // Server errors show in the failing test's output (RUST_LOG=debug for more).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -117,7 +125,9 @@ impl TestCloud {
             config.database_url = Some(postgres_database().await?);
         }
         adjust(&mut config);
-        let cloud = fieldgate_cloud::start(config).await.expect("starting the cloud");
+        let cloud = fieldgate_cloud::start(config)
+            .await
+            .expect("starting the cloud");
         let ca_pem = std::fs::read(cloud.ca_path.as_ref().unwrap()).unwrap();
         Some(TestCloud {
             base: format!("https://127.0.0.1:{}", cloud.https_addr.port()),
@@ -145,7 +155,9 @@ impl TestCloud {
 
     /// Bootstrap a tenant as `fieldgate-cloud admin create-tenant` does.
     pub async fn tenant(&self, name: &str) -> Tenant {
-        let made = accounts::bootstrap_tenant(self.db(), name, &format!("owner@{name}.example")).await.unwrap();
+        let made = accounts::bootstrap_tenant(self.db(), name, &format!("owner@{name}.example"))
+            .await
+            .unwrap();
         Tenant {
             id: made.tenant_id,
             name: name.to_string(),
@@ -156,13 +168,33 @@ impl TestCloud {
     }
 
     /// A JSON API call with a bearer token; returns the status and the JSON body (Null if none).
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Json>) -> (StatusCode, Json) {
-        call_with(&self.client(), method, &format!("{}{path}", self.base), token, body).await
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Json>,
+    ) -> (StatusCode, Json) {
+        call_with(
+            &self.client(),
+            method,
+            &format!("{}{path}", self.base),
+            token,
+            body,
+        )
+        .await
     }
 
     /// Make a site and a one-time enrollment token for it with the given API key.
     pub async fn site_and_token(&self, key: &str, site_name: &str) -> (String, String) {
-        let (status, site) = self.call(Method::POST, "/v1/sites", Some(key), Some(json!({"name": site_name}))).await;
+        let (status, site) = self
+            .call(
+                Method::POST,
+                "/v1/sites",
+                Some(key),
+                Some(json!({"name": site_name})),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{site}");
         let site_id = site["id"].as_str().unwrap().to_string();
         let token = self.enrollment_token(key, &site_id).await;
@@ -171,7 +203,12 @@ impl TestCloud {
 
     pub async fn enrollment_token(&self, key: &str, site_id: &str) -> String {
         let (status, token) = self
-            .call(Method::POST, "/v1/enrollment-tokens", Some(key), Some(json!({"site_id": site_id, "expires_in_hours": 1})))
+            .call(
+                Method::POST,
+                "/v1/enrollment-tokens",
+                Some(key),
+                Some(json!({"site_id": site_id, "expires_in_hours": 1})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{token}");
         token["secret"].as_str().unwrap().to_string()
@@ -184,7 +221,12 @@ impl TestCloud {
         self.gateway_from(&body, key_pem)
     }
 
-    pub async fn try_enroll(&self, token: &str, site_id: &str, name: &str) -> (StatusCode, Json, String) {
+    pub async fn try_enroll(
+        &self,
+        token: &str,
+        site_id: &str,
+        name: &str,
+    ) -> (StatusCode, Json, String) {
         let (key_pem, csr_pem) = pki::new_key_and_csr(name).unwrap();
         let (status, body) = self
             .call(Method::POST, "/v1/enroll", None,
@@ -206,7 +248,8 @@ impl TestCloud {
 
     /// An HTTPS client presenting this certificate.
     pub fn client_with_identity(&self, key_pem: &str, cert_pem: &str) -> reqwest::Client {
-        let identity = reqwest::Identity::from_pem(format!("{cert_pem}\n{key_pem}").as_bytes()).unwrap();
+        let identity =
+            reqwest::Identity::from_pem(format!("{cert_pem}\n{key_pem}").as_bytes()).unwrap();
         reqwest::Client::builder()
             .use_rustls_tls()
             .add_root_certificate(reqwest::Certificate::from_pem(&self.ca_pem).unwrap())
@@ -221,7 +264,12 @@ impl TestCloud {
         self.ingest_with(gateway, batch, &[]).await
     }
 
-    pub async fn ingest_with(&self, gateway: &TestGateway, batch: &[u8], headers: &[(&str, &str)]) -> (StatusCode, Json) {
+    pub async fn ingest_with(
+        &self,
+        gateway: &TestGateway,
+        batch: &[u8],
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Json) {
         let mut request = gateway
             .client
             .post(format!("{}/v1/ingest", self.base))
@@ -233,11 +281,18 @@ impl TestCloud {
         let response = request.send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Json::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Json::String(text)),
+        )
     }
 
     /// Every stored reading of a stream as (device, metric, ts_ms, value) via the API, sorted.
-    pub async fn stored_readings(&self, key: &str, gateway_id: &str) -> Vec<(String, String, i64, Json)> {
+    pub async fn stored_readings(
+        &self,
+        key: &str,
+        gateway_id: &str,
+    ) -> Vec<(String, String, i64, Json)> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -287,7 +342,13 @@ impl TestCloud {
     }
 }
 
-pub async fn call_with(client: &reqwest::Client, method: Method, url: &str, token: Option<&str>, body: Option<Json>) -> (StatusCode, Json) {
+pub async fn call_with(
+    client: &reqwest::Client,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Json>,
+) -> (StatusCode, Json) {
     let mut request = client.request(method, url);
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -298,7 +359,14 @@ pub async fn call_with(client: &reqwest::Client, method: Method, url: &str, toke
     let response = request.send().await.unwrap();
     let status = response.status();
     let text = response.text().await.unwrap();
-    (status, if text.is_empty() { Json::Null } else { serde_json::from_str(&text).unwrap_or(Json::String(text)) })
+    (
+        status,
+        if text.is_empty() {
+            Json::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Json::String(text))
+        },
+    )
 }
 
 /// Reading `seq` of a test stream: unique per seq, so stored sets can be compared exactly.
@@ -306,9 +374,18 @@ pub fn reading(seq: u64, devices: u64) -> Reading {
     let device = seq % devices;
     Reading {
         device: DeviceId::new(&format!("dev-{device}")).unwrap(),
-        metric: MetricName::new(if seq % 2 == 0 { "temp" } else { "power" }).unwrap(),
+        metric: MetricName::new(if seq.is_multiple_of(2) {
+            "temp"
+        } else {
+            "power"
+        })
+        .unwrap(),
         ts_ms: 1_700_000_000_000 + seq as i64 * 10,
-        value: if seq % 2 == 0 { Value::F64(20.0 + (seq % 100) as f64 / 10.0) } else { Value::I64(seq as i64) },
+        value: if seq.is_multiple_of(2) {
+            Value::F64(20.0 + (seq % 100) as f64 / 10.0)
+        } else {
+            Value::I64(seq as i64)
+        },
         quality: Quality::Good,
     }
 }
@@ -339,7 +416,12 @@ pub fn expected(seqs: impl IntoIterator<Item = u64>) -> Vec<(String, String, i64
                 Value::I64(x) => json!(x),
                 _ => unreachable!(),
             };
-            (r.device.as_str().to_string(), r.metric.as_str().to_string(), r.ts_ms, value)
+            (
+                r.device.as_str().to_string(),
+                r.metric.as_str().to_string(),
+                r.ts_ms,
+                value,
+            )
         })
         .collect();
     out.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
