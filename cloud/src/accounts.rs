@@ -390,7 +390,7 @@ pub async fn create_user(
     Ok((StatusCode::CREATED, Json(CreatedUser { user, password })))
 }
 
-/// Remove a person and end their sessions.
+/// Remove a person, end their sessions and revoke the API keys they made.
 #[utoipa::path(delete, path = "/v1/users/{id}", tag = "people", security(("bearer" = [])),
     params(("id" = String, Path)),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -411,6 +411,15 @@ pub async fn delete_user(
         .bind(&principal.tenant_id)
         .execute(&mut *tx)
         .await?;
+    // The keys the person made go with them.
+    sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE created_by = $2 AND tenant_id = $3 AND revoked_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(format!("user:{id}"))
+    .bind(&principal.tenant_id)
+    .execute(&mut *tx)
+    .await?;
     let deleted = sqlx::query("DELETE FROM users WHERE id = $1 AND tenant_id = $2")
         .bind(&id)
         .bind(&principal.tenant_id)

@@ -204,6 +204,7 @@ pub async fn create_enrollment_token(
     ApiJson(request): ApiJson<NewEnrollmentToken>,
 ) -> ApiResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
     principal.require(Role::Installer)?;
+    refuse_label_scope(&principal)?;
     if principal
         .scope
         .site_id
@@ -267,6 +268,7 @@ pub async fn list_enrollment_tokens(
     principal: Principal,
 ) -> ApiResult<Json<Vec<EnrollmentToken>>> {
     principal.require(Role::Installer)?;
+    refuse_label_scope(&principal)?;
     type Row = (
         String,
         String,
@@ -301,6 +303,16 @@ pub async fn list_enrollment_tokens(
             )
             .collect(),
     ))
+}
+
+/// Enrollment is per site: a key limited to a label cannot say which gateways it will enroll.
+fn refuse_label_scope(principal: &Principal) -> ApiResult<()> {
+    if principal.scope.label.is_some() {
+        return Err(ApiError::forbidden(
+            "an API key limited to a label cannot enroll gateways; use a key limited to the site",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -974,6 +986,13 @@ pub async fn update_gateway(
     }
     if let Some(labels) = &update.labels {
         validate_labels(labels)?;
+        if let Some((key, value)) = &principal.scope.label {
+            if labels.get(key) != Some(value) {
+                return Err(ApiError::forbidden(format!(
+                    "this API key is limited to gateways labelled {key}={value} and cannot remove that label"
+                )));
+            }
+        }
     }
     let mut tx = state.db.pool.begin().await?;
     if let Some(name) = &update.name {
@@ -1033,7 +1052,7 @@ pub async fn decommission_gateway(
     load_gateway(&state.db, &principal, &id).await?;
     let now = now_ms();
     let mut tx = state.db.pool.begin().await?;
-    sqlx::query(
+    let changed = sqlx::query(
         "UPDATE gateways SET status = 'decommissioned', decommissioned_at = $1 \
          WHERE id = $2 AND tenant_id = $3 AND status = 'active'",
     )
@@ -1042,6 +1061,10 @@ pub async fn decommission_gateway(
     .bind(&principal.tenant_id)
     .execute(&mut *tx)
     .await?;
+    if changed.rows_affected() == 0 {
+        // Decommissioned already: nothing to do, nothing to record.
+        return load_gateway(&state.db, &principal, &id).await.map(Json);
+    }
     sqlx::query("UPDATE gateway_certs SET revoked_at = $1 WHERE gateway_id = $2 AND tenant_id = $3 AND revoked_at IS NULL")
         .bind(now)
         .bind(&id)
