@@ -128,6 +128,20 @@ CREATE TABLE stream_gaps (
     PRIMARY KEY (stream_id, from_seq)
 );
 
+-- Accepted batches as received, waiting for the compactor to split them into series chunks.
+-- `skip` readings at the start were already stored (an overlapping resend); the rest are new.
+CREATE TABLE staged_batches (
+    stream_id TEXT NOT NULL REFERENCES streams(id),
+    first_seq BIGINT NOT NULL,
+    skip BIGINT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    data BLOB NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (stream_id, first_seq)
+);
+
 CREATE TABLE series (
     id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL REFERENCES tenants(id),
@@ -140,9 +154,10 @@ CREATE TABLE series (
 );
 CREATE INDEX series_by_tenant ON series (tenant_id, device, metric);
 
--- Readings, stored per series in compressed chunks (the shared batch codec) with pre-computed
+-- Readings, stored per series in chunks (the shared codec's series chunks) with pre-computed
 -- aggregates, so range queries and rollups read few rows. A chunk is keyed by the stream
--- sequence number of its first reading: a batch is stored once, so a key is never reused.
+-- sequence number where its compaction run started (and its value kind): staged batches are
+-- compacted once, so a key is never reused.
 CREATE TABLE chunks (
     series_id TEXT NOT NULL REFERENCES series(id),
     first_seq BIGINT NOT NULL,
@@ -155,7 +170,7 @@ CREATE TABLE chunks (
     max_value DOUBLE PRECISION,
     sum_value DOUBLE PRECISION,
     data BLOB NOT NULL,
-    PRIMARY KEY (series_id, first_seq)
+    PRIMARY KEY (series_id, first_seq, kind)
 );
 CREATE INDEX chunks_by_time ON chunks (series_id, first_ts);
 

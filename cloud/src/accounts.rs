@@ -406,6 +406,16 @@ pub async fn delete_user(
         return Err(ApiError::conflict("you cannot remove yourself"));
     }
     let mut tx = state.db.pool.begin().await?;
+    let owners: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM users WHERE tenant_id = $1 AND role = 'owner'")
+            .bind(&principal.tenant_id)
+            .fetch_all(&mut *tx)
+            .await?;
+    if owners.len() == 1 && owners[0].0 == id {
+        return Err(ApiError::conflict(
+            "this is the tenant's last owner; make another owner first",
+        ));
+    }
     sqlx::query("DELETE FROM login_sessions WHERE user_id = $1 AND tenant_id = $2")
         .bind(&id)
         .bind(&principal.tenant_id)

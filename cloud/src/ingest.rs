@@ -9,8 +9,9 @@
 //! and the store run in one transaction that first locks the stream row, so concurrent senders
 //! of one stream serialise and every reading is stored once.
 //!
-//! Readings are stored per series as compressed chunks (the shared codec, one series per chunk)
-//! with count/min/max/sum, keyed by (series, first sequence number of the stored range).
+//! An accepted batch is staged as received (one row, whatever its series count) in the same
+//! transaction that moves the high-water mark; [`crate::compact`] later turns staged batches
+//! into per-series chunks.
 //!
 //! Limits: batches above `max_batch_bytes`/`max_batch_readings` get 413; a tenant above its
 //! readings-per-second rate gets 429 with `Retry-After` (the gateway keeps the batch and
@@ -25,10 +26,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use fieldgate_shared::api::IngestAck;
-use fieldgate_shared::codec::{
-    BatchMeta, ColumnarBatch, DecodeError, Decoder, EncodeOptions, Encoder, SeriesValues,
-};
-use fieldgate_shared::model::{Reading, ValueKind};
+use fieldgate_shared::codec::{ColumnarBatch, DecodeError, Decoder};
 
 use crate::config::Limits;
 use crate::db::{now_ms, Db};
@@ -37,27 +35,12 @@ use crate::fleet::{touch_gateway, GatewayIdentity};
 use crate::ids::new_id;
 use crate::AppState;
 
-/// Rows per multi-row `INSERT` of chunks (11 parameters each, well under SQLite's limit).
-const CHUNK_ROWS_PER_INSERT: usize = 200;
-/// Remembered series ids; beyond this the cache starts over.
-const SERIES_CACHE_MAX: usize = 200_000;
-
-/// Shared ingest state: per-tenant rate buckets, codec contexts, a series-id cache.
+/// Shared ingest state: per-tenant rate buckets, decoders, when gateways were last seen.
 pub struct IngestState {
     limits: Limits,
     buckets: Mutex<HashMap<String, TokenBucket>>,
     decoders: Mutex<Vec<Decoder>>,
-    encoders: Mutex<Vec<Encoder>>,
-    series_ids: Mutex<HashMap<SeriesKey, String>>,
     last_touch: Mutex<HashMap<String, Instant>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct SeriesKey {
-    gateway_id: String,
-    stream: String,
-    device: String,
-    metric: String,
 }
 
 impl IngestState {
@@ -66,8 +49,6 @@ impl IngestState {
             limits: limits.clone(),
             buckets: Mutex::new(HashMap::new()),
             decoders: Mutex::new(Vec::new()),
-            encoders: Mutex::new(Vec::new()),
-            series_ids: Mutex::new(HashMap::new()),
             last_touch: Mutex::new(HashMap::new()),
         }
     }
@@ -105,15 +86,6 @@ impl IngestState {
 
     fn decoder(&self) -> Decoder {
         lock(&self.decoders).pop().unwrap_or_default()
-    }
-
-    fn encoder(&self) -> ApiResult<Encoder> {
-        match lock(&self.encoders).pop() {
-            Some(encoder) => Ok(encoder),
-            None => {
-                Encoder::new(EncodeOptions::default()).map_err(|e| anyhow::anyhow!("{e}").into())
-            }
-        }
     }
 
     /// Whether to write the gateway's last-seen now (at most once a second per gateway).
@@ -254,9 +226,27 @@ async fn ingest_inner(
     let bytes = axum::body::to_bytes(body, limits.max_batch_bytes)
         .await
         .map_err(|_| too_large())?;
-    let header = Decoder::header(&bytes).map_err(bad_batch)?;
+    let declared_loss =
+        header_str(headers, HEADER_DECLARED_LOSS).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    ingest_batch(state, gateway, &bytes, declared_loss).await
+}
+
+/// Check, admit, decode and store one encoded batch from `gateway`: the whole of ingest after
+/// the HTTP layer (benchmarks call it directly).
+pub async fn ingest_batch(
+    state: &AppState,
+    gateway: &GatewayIdentity,
+    bytes: &[u8],
+    declared_loss: bool,
+) -> ApiResult<IngestAck> {
+    let limits = &state.config.limits;
+    let header = Decoder::header(bytes).map_err(bad_batch)?;
     if header.count > limits.max_batch_readings {
-        return Err(too_large());
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a batch is at most {} readings", limits.max_batch_readings),
+        ));
     }
     if header.gateway.as_str() != gateway.gateway_id {
         return Err(ApiError::forbidden(format!(
@@ -272,12 +262,10 @@ async fn ingest_inner(
 
     let mut decoder = state.ingest.decoder();
     let mut batch = ColumnarBatch::default();
-    let decoded = decoder.decode_into(&bytes, &mut batch);
+    let decoded = decoder.decode_into(bytes, &mut batch);
     lock(&state.ingest.decoders).push(decoder);
     decoded.map_err(bad_batch)?;
-    let declared_loss =
-        header_str(headers, HEADER_DECLARED_LOSS).is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    store_batch(state, gateway, &batch, declared_loss).await
+    store_batch(state, gateway, &batch, bytes, declared_loss).await
 }
 
 fn bad_batch(err: DecodeError) -> ApiError {
@@ -300,6 +288,7 @@ async fn store_batch(
     state: &AppState,
     gateway: &GatewayIdentity,
     batch: &ColumnarBatch,
+    bytes: &[u8],
     declared_loss: bool,
 ) -> ApiResult<IngestAck> {
     let header = batch.header();
@@ -376,71 +365,23 @@ async fn store_batch(
         }
     };
     let stored_first_seq = header.first_seq + skip;
-    let chunks = build_chunks(state, batch, skip as usize, stored_first_seq)?;
-    let stored: u64 = chunks.iter().map(|c| c.count as u64).sum();
-
-    let mut new_series = Vec::new();
-    let mut rows = Vec::with_capacity(chunks.len());
-    for chunk in &chunks {
-        let key = SeriesKey {
-            gateway_id: gateway.gateway_id.clone(),
-            stream: stream.to_string(),
-            device: chunk.device.clone(),
-            metric: chunk.metric.clone(),
-        };
-        let cached = lock(&state.ingest.series_ids).get(&key).cloned();
-        let series_id = match cached {
-            Some(id) => id,
-            None => {
-                let id = series_id(&mut tx, &gateway.tenant_id, &key, now).await?;
-                new_series.push((key, id.clone()));
-                id
-            }
-        };
-        rows.push((series_id, chunk));
-    }
-    for group in rows.chunks(CHUNK_ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT INTO chunks (series_id, first_seq, tenant_id, kind, first_ts, last_ts, count, \
-             min_value, max_value, sum_value, data) VALUES ",
-        );
-        for i in 0..group.len() {
-            let b = i * 11;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8,
-                b + 9,
-                b + 10,
-                b + 11
-            ));
-        }
-        let mut query = sqlx::query(&sql);
-        for (series_id, chunk) in group {
-            query = query
-                .bind(series_id)
-                .bind(stored_first_seq as i64)
-                .bind(&gateway.tenant_id)
-                .bind(chunk.kind)
-                .bind(chunk.first_ts)
-                .bind(chunk.last_ts)
-                .bind(chunk.count as i64)
-                .bind(chunk.min)
-                .bind(chunk.max)
-                .bind(chunk.sum)
-                .bind(chunk.data.clone());
-        }
-        query.execute(&mut *tx).await?;
-    }
+    let stored = u64::from(header.count) - skip;
+    // Staged as received, in one append; the compactor turns staged batches into per-series
+    // chunks (see compact.rs), so a batch costs one row however many series it holds.
+    sqlx::query(
+        "INSERT INTO staged_batches (stream_id, first_seq, skip, tenant_id, gateway_id, stream, data, received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&stream_id)
+    .bind(stored_first_seq as i64)
+    .bind(skip as i64)
+    .bind(&gateway.tenant_id)
+    .bind(&gateway.gateway_id)
+    .bind(stream)
+    .bind(bytes.to_vec())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("UPDATE streams SET next_seq = $1, readings = readings + $2 WHERE id = $3")
         .bind((header.last_seq + 1) as i64)
         .bind(stored as i64)
@@ -449,145 +390,11 @@ async fn store_batch(
         .await?;
     tx.commit().await?;
 
-    if !new_series.is_empty() {
-        let mut cache = lock(&state.ingest.series_ids);
-        if cache.len() + new_series.len() > SERIES_CACHE_MAX {
-            cache.clear();
-        }
-        cache.extend(new_series);
-    }
     Ok(ack(
         header.last_seq,
         stored,
         u64::from(header.count) - stored,
     ))
-}
-
-async fn series_id(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    tenant_id: &str,
-    key: &SeriesKey,
-    now: i64,
-) -> Result<String, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO series (id, tenant_id, gateway_id, stream, device, metric, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (gateway_id, stream, device, metric) DO NOTHING",
-    )
-    .bind(new_id("sr"))
-    .bind(tenant_id)
-    .bind(&key.gateway_id)
-    .bind(&key.stream)
-    .bind(&key.device)
-    .bind(&key.metric)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    let (id,): (String,) = sqlx::query_as("SELECT id FROM series WHERE gateway_id = $1 AND stream = $2 AND device = $3 AND metric = $4")
-        .bind(&key.gateway_id)
-        .bind(&key.stream)
-        .bind(&key.device)
-        .bind(&key.metric)
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok(id)
-}
-
-/// One series' share of a batch, encoded.
-struct Chunk {
-    device: String,
-    metric: String,
-    kind: &'static str,
-    first_ts: i64,
-    last_ts: i64,
-    count: usize,
-    min: Option<f64>,
-    max: Option<f64>,
-    sum: Option<f64>,
-    data: Vec<u8>,
-}
-
-pub(crate) fn kind_name(kind: ValueKind) -> &'static str {
-    match kind {
-        ValueKind::F64 => "f64",
-        ValueKind::I64 => "i64",
-        ValueKind::Bool => "bool",
-        ValueKind::Str => "str",
-    }
-}
-
-/// Split a batch into per-series chunks, leaving out its first `skip` readings (arrival order).
-fn build_chunks(
-    state: &AppState,
-    batch: &ColumnarBatch,
-    skip: usize,
-    first_seq: u64,
-) -> ApiResult<Vec<Chunk>> {
-    if skip >= batch.len() {
-        return Ok(Vec::new());
-    }
-    // How many of each series' readings fall in the skipped prefix.
-    let mut skipped = vec![0usize; batch.series.len()];
-    for &series in &batch.order[..skip] {
-        skipped[series as usize] += 1;
-    }
-    let header = batch.header();
-    let meta = BatchMeta {
-        gateway: header.gateway.clone(),
-        stream: header.stream.clone(),
-        first_seq,
-        last_seq: header.last_seq,
-    };
-    let mut encoder = state.ingest.encoder()?;
-    let mut chunks = Vec::with_capacity(batch.series.len());
-    let mut readings: Vec<Reading> = Vec::new();
-    for (info, &from) in batch.series.iter().zip(&skipped) {
-        if from >= info.len {
-            continue;
-        }
-        let view = batch.view(info);
-        readings.clear();
-        let (mut min, mut max, mut sum, mut numeric) =
-            (f64::INFINITY, f64::NEG_INFINITY, 0.0f64, false);
-        for i in from..info.len {
-            let value = view.values.get(i);
-            let number = match view.values {
-                SeriesValues::F64(v) => Some(v[i]),
-                SeriesValues::I64(v) => Some(v[i] as f64),
-                _ => None,
-            };
-            if let Some(x) = number.filter(|x| x.is_finite()) {
-                numeric = true;
-                min = min.min(x);
-                max = max.max(x);
-                sum += x;
-            }
-            readings.push(Reading {
-                device: view.device.clone(),
-                metric: view.metric.clone(),
-                ts_ms: view.ts_ms[i],
-                value,
-                quality: view.quality[i],
-            });
-        }
-        let ts = &view.ts_ms[from..];
-        let data = encoder
-            .encode(&meta, &readings)
-            .map_err(|e| anyhow::anyhow!("encoding a chunk: {e}"))?;
-        chunks.push(Chunk {
-            device: view.device.as_str().to_string(),
-            metric: view.metric.as_str().to_string(),
-            kind: kind_name(info.kind),
-            first_ts: ts.iter().copied().min().unwrap_or(0),
-            last_ts: ts.iter().copied().max().unwrap_or(0),
-            count: readings.len(),
-            min: numeric.then_some(min),
-            max: numeric.then_some(max),
-            sum: numeric.then_some(sum),
-            data,
-        });
-    }
-    lock(&state.ingest.encoders).push(encoder);
-    Ok(chunks)
 }
 
 #[cfg(test)]

@@ -7,13 +7,14 @@
 //! [`auth`] roles, principals, passwords, tokens; [`accounts`] login, people, API keys,
 //! tenant bootstrap; [`audit`] the audit log; [`pki`] certificates; [`tls`] serving HTTPS with
 //! optional client certificates; [`fleet`] sites, enrollment, gateways, certificate renewal;
-//! [`ingest`] `POST /v1/ingest`; [`series`] reading series back; [`api`] the router, OpenAPI,
+//! [`ingest`] `POST /v1/ingest`; [`compact`] staged batches into series chunks; [`series`] reading series back; [`api`] the router, OpenAPI,
 //! health and metrics; [`server`] wiring it all into a running service.
 
 pub mod accounts;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod compact;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -40,6 +41,7 @@ pub struct AppState {
     pub logins: Arc<auth::LoginLimiter>,
     pub ingest: Arc<ingest::IngestState>,
     pub metrics: Arc<metrics::Metrics>,
+    pub compactor: Arc<compact::Compactor>,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
             logins: Arc::new(logins),
             ingest: Arc::new(ingest::IngestState::new(&config.limits)),
             metrics: Arc::new(metrics::Metrics::default()),
+            compactor: Arc::new(compact::Compactor::default()),
             config: Arc::new(config),
         }
     }

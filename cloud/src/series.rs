@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use fieldgate_shared::codec::Decoder;
+use fieldgate_shared::codec::chunk::decode_chunk;
 use fieldgate_shared::model::{Quality, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -92,6 +92,7 @@ pub async fn list_series(
     ApiQuery(query): ApiQuery<SeriesQuery>,
 ) -> ApiResult<Json<SeriesPage>> {
     let limit = page_limit(query.limit, 100, 500)?;
+    state.compactor.run(&state.db).await?;
     let mut sql = format!("{SERIES_SELECT} WHERE s.tenant_id = $1 AND s.id > $2");
     let mut binds = vec![
         principal.tenant_id.clone(),
@@ -135,6 +136,7 @@ pub async fn list_series(
 }
 
 async fn load_series(state: &AppState, principal: &Principal, id: &str) -> ApiResult<Series> {
+    state.compactor.run(&state.db).await?;
     let row: Option<SeriesRow> = sqlx::query_as(&format!(
         "{SERIES_SELECT} WHERE s.id = $1 AND s.tenant_id = $2"
     ))
@@ -218,7 +220,6 @@ pub async fn readings(
     };
     let mut out = Vec::new();
     let mut next_after = None;
-    let mut decoder = Decoder::new();
     let mut seq_cursor = after_seq;
     'chunks: loop {
         let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
@@ -236,20 +237,16 @@ pub async fn readings(
             break;
         }
         for (first_seq, data) in &chunks {
-            let batch = decoder
-                .decode(data)
+            let chunk = decode_chunk(data)
                 .map_err(|e| anyhow::anyhow!("stored chunk {first_seq} of {id}: {e}"))?;
             let start = if *first_seq == after_seq {
                 after_index
             } else {
                 0
             };
-            let Some(info) = batch.series.first() else {
-                continue;
-            };
-            let view = batch.view(info);
-            for i in start..info.len {
-                let ts = view.ts_ms[i];
+            let values = chunk.values.as_series_values();
+            for i in start..chunk.len() {
+                let ts = chunk.ts_ms[i];
                 if ts < from || ts >= to {
                     continue;
                 }
@@ -259,7 +256,7 @@ pub async fn readings(
                 }
                 out.push(ReadingOut {
                     ts_ms: ts,
-                    value: match view.values.get(i) {
+                    value: match values.get(i) {
                         Value::F64(x) => serde_json::Number::from_f64(x)
                             .map(serde_json::Value::Number)
                             .unwrap_or(serde_json::Value::Null),
@@ -267,7 +264,7 @@ pub async fn readings(
                         Value::Bool(b) => serde_json::Value::Bool(b),
                         Value::Str(s) => serde_json::Value::String(s.as_str().to_string()),
                     },
-                    quality: match view.quality[i] {
+                    quality: match chunk.quality[i] {
                         Quality::Good => "good",
                         Quality::Uncertain => "uncertain",
                         Quality::Bad => "bad",

@@ -57,9 +57,10 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<RunningCloud> {
     let https_addr = https.local_addr()?;
     let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     let state = AppState::new(db.clone(), config);
-    let app = api::router(state);
+    let app = api::router(state.clone());
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    tasks.spawn(compact_every_second(state, stopped.clone()));
     tasks.spawn(tls::serve_tls(
         https,
         tls_config,
@@ -78,6 +79,25 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<RunningCloud> {
         stop,
         tasks,
     })
+}
+
+/// Keep staged batches compacted (readers also compact before reading).
+async fn compact_every_second(
+    state: AppState,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+        if let Err(err) = state.compactor.run(&state.db).await {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "compaction failed; staged batches stay staged"
+            );
+        }
+    }
 }
 
 impl RunningCloud {

@@ -483,7 +483,7 @@ pub fn decode_body(
     Ok(())
 }
 
-fn decode_timestamps(
+pub(super) fn decode_timestamps(
     reader: &mut ByteReader<'_>,
     n: usize,
     base: i64,
@@ -517,7 +517,7 @@ fn run_length(
     Ok(run)
 }
 
-fn decode_bools(
+pub(super) fn decode_bools(
     reader: &mut ByteReader<'_>,
     n: usize,
     values: &mut Vec<bool>,
@@ -542,7 +542,7 @@ fn decode_bools(
     Ok(())
 }
 
-fn decode_quality(
+pub(super) fn decode_quality(
     reader: &mut ByteReader<'_>,
     n: usize,
     values: &mut Vec<Quality>,

@@ -49,6 +49,7 @@
 
 mod body;
 mod bytes;
+pub mod chunk;
 mod floats;
 
 use crate::api::BatchHeader;
