@@ -233,7 +233,8 @@ async fn insert_chunks(
         }
         sql.push(')');
     }
-    let mut query = sqlx::query(&sql);
+    // Not kept prepared: PostgreSQL fixes parameter types at the first execution of a text.
+    let mut query = sqlx::query(&sql).persistent(false);
     for (series_id, series) in group {
         let numbers: Box<dyn Iterator<Item = f64>> = match &series.values {
             ChunkValues::F64(v) => Box::new(v.iter().copied()),
