@@ -38,4 +38,9 @@ cross-arm64:
     RUSTC=/usr/bin/rustc \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
-    cargo build --release --target aarch64-unknown-linux-gnu -p fieldgate -p fieldgate-edge
+    cargo build --release --target aarch64-unknown-linux-gnu -p fieldgate-edge
+    # The CLI without `demo` (which embeds the cloud): what an installer needs on the box.
+    RUSTC=/usr/bin/rustc \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+    cargo build --release --target aarch64-unknown-linux-gnu -p fieldgate --no-default-features

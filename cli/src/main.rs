@@ -6,6 +6,8 @@
 //! - `sim serial|modbus`: simulated field devices on pseudo-terminals ([`sim`]).
 
 mod codec_estimate;
+#[cfg(feature = "demo")]
+mod demo;
 mod readings_file;
 mod sim;
 
@@ -34,6 +36,10 @@ enum Command {
         #[command(subcommand)]
         command: CodecCommand,
     },
+    /// The whole system on this machine: a cloud on SQLite, an edge agent, simulated serial
+    /// and MQTT devices, live progress and an exactness check at the end.
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
     /// Simulated field devices on pseudo-terminals, for trying a gateway without hardware.
     Sim {
         #[command(subcommand)]
@@ -80,6 +86,19 @@ enum CodecCommand {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                        tracing_subscriber::EnvFilter::new("error,rumqttd=off")
+                    }),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(demo::run(args))?;
+        }
         Command::Sim { command } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {

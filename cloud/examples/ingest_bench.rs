@@ -1,8 +1,8 @@
 //! Cloud ingest throughput: `cargo run --release -p fieldgate-cloud --example ingest_bench --
 //! [--backend sqlite|postgres] [--batch 1000] [--readings 1000000] [--mode store|https]`.
 //!
-//! `store` calls the ingest path after HTTP (check, admit, decode, split into per-series
-//! chunks, store in one transaction) batch after batch; `https` posts the same batches over
+//! `store` calls the ingest path after HTTP (check, admit, decode, stage the batch, commit)
+//! batch after batch; `https` posts the same batches over
 //! mutual TLS from 4 concurrent gateways' streams. Prints readings/s and batches/s (wall), the
 //! process's CPU seconds and readings per CPU second (the figure "on one core"), and stored
 //! bytes per reading; then compacts everything staged into series chunks and prints the same

@@ -18,6 +18,9 @@ use fieldgate_shared::model::{Quality, ValueKind};
 use crate::db::{now_ms, Backend, Db};
 use crate::ids::new_id;
 
+/// Readings per chunk at most (a single batch's share may exceed it: chunks decode up to the
+/// codec's 1,000,000).
+const CHUNK_MAX_READINGS: usize = 100_000;
 /// Staged batches per run.
 const STAGED_PER_RUN: i64 = 512;
 /// Rows per multi-row `INSERT` of chunks (11 parameters each, under SQLite's limit).
@@ -150,14 +153,22 @@ fn gather(staged: &[StagedRow]) -> anyhow::Result<Vec<Gathered>> {
                 continue;
             }
             let view = batch.view(info);
-            let slot = *index
-                .entry((
-                    stream_id.clone(),
-                    view.device.as_str().to_string(),
-                    view.metric.as_str().to_string(),
-                    info.kind,
-                ))
-                .or_insert_with(|| {
+            let key = (
+                stream_id.clone(),
+                view.device.as_str().to_string(),
+                view.metric.as_str().to_string(),
+                info.kind,
+            );
+            let incoming = info.len - from;
+            // A chunk that would outgrow CHUNK_MAX_READINGS is closed and a new one starts at
+            // this batch (one batch adds to one chunk per series, so keys stay unique).
+            let open = index
+                .get(&key)
+                .copied()
+                .filter(|&slot| gathered[slot].ts_ms.len() + incoming <= CHUNK_MAX_READINGS);
+            let slot = match open {
+                Some(slot) => slot,
+                None => {
                     gathered.push(Gathered {
                         tenant_id: tenant_id.clone(),
                         key: SeriesKey {
@@ -177,8 +188,10 @@ fn gather(staged: &[StagedRow]) -> anyhow::Result<Vec<Gathered>> {
                         },
                         quality: Vec::new(),
                     });
+                    index.insert(key, gathered.len() - 1);
                     gathered.len() - 1
-                });
+                }
+            };
             let series = &mut gathered[slot];
             series.ts_ms.extend_from_slice(&view.ts_ms[from..]);
             series.quality.extend_from_slice(&view.quality[from..]);

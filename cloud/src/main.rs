@@ -110,9 +110,12 @@ async fn main() -> anyhow::Result<()> {
                     ca.display()
                 );
             }
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 result = cloud.wait() => result?,
-                _ = tokio::signal::ctrl_c() => eprintln!("fieldgate-cloud: stopping"),
+                _ = tokio::signal::ctrl_c() => eprintln!("fieldgate-cloud: stopping (interrupt)"),
+                _ = terminate.recv() => eprintln!("fieldgate-cloud: stopping (terminate)"),
             }
             cloud.shutdown().await
         }

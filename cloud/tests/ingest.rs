@@ -13,6 +13,7 @@ backend_tests!(
     out_of_order_batches_store_each_reading_once,
     concurrent_senders_store_each_reading_once,
     a_declared_loss_is_accepted_and_recorded,
+    a_large_backlog_compacts_into_chunks_that_read_back,
 );
 
 async fn setup(backend: Backend) -> Option<(TestCloud, support::Tenant, support::TestGateway)> {
@@ -186,6 +187,36 @@ async fn a_declared_loss_is_accepted_and_recorded(backend: Backend) {
     assert_eq!(
         cloud.stored_readings(&tenant.key, &gw.id).await,
         expected((0..10).chain(100..110))
+    );
+    cloud.stop().await;
+}
+
+async fn a_large_backlog_compacts_into_chunks_that_read_back(backend: Backend) {
+    let Some((cloud, tenant, gw)) = setup(backend).await else {
+        return;
+    };
+    // 450,000 readings: each of the 4 series gets more than a chunk holds (when one compaction
+    // run sees them together it splits them), and every reading reads back once.
+    for i in 0..3u64 {
+        let (status, ack) = cloud
+            .ingest(
+                &gw,
+                &batch(&gw.id, "raw", i * 150_000, i * 150_000 + 149_999),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+    }
+    assert_eq!(
+        cloud.stored_readings(&tenant.key, &gw.id).await,
+        expected(0..450_000)
+    );
+    let (chunks,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM chunks")
+        .fetch_one(&cloud.db().pool)
+        .await
+        .unwrap();
+    assert!(
+        chunks > 4,
+        "{chunks} chunks for 4 series of 112,500 readings"
     );
     cloud.stop().await;
 }

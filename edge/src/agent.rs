@@ -16,6 +16,7 @@ use crate::http::{router, AgentState};
 use crate::ingress::mqtt::MqttIngress;
 use crate::journal::{Journal, JournalConfig};
 use crate::supervise::{supervise, Restarts};
+use crate::uplink::{Uplink, UplinkStats};
 use crate::writer::{run_writer, GroupCommit, JournalInput, WriterStats};
 
 /// Runs the agent until `shutdown` resolves; returns once everything received is durable.
@@ -176,6 +177,21 @@ pub async fn run(
     }
     drop(input_tx);
 
+    let mut uplinks = Vec::new();
+    let mut uplink_tasks = Vec::new();
+    for target in config.targets.iter().filter(|t| !t.endpoints.is_empty()) {
+        let stats = Arc::new(UplinkStats::default());
+        uplinks.push((target.name.clone(), stats.clone()));
+        let uplink = Uplink {
+            target: target.clone(),
+            data_dir: config.gateway.data_dir.clone(),
+            gateway_name: config.gateway.id.to_string(),
+            journal: journal.clone(),
+            stats,
+        };
+        uplink_tasks.push(tokio::spawn(uplink.run(stop.clone())));
+    }
+
     let state = AgentState {
         gateway: config.gateway.id.to_string(),
         started: Instant::now(),
@@ -188,6 +204,7 @@ pub async fn run(
         mqtt,
         modbus_pollers,
         journal_moved_aside: report.moved_aside.map(|p| p.display().to_string()),
+        uplinks,
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -208,6 +225,9 @@ pub async fn run(
     }
     // Every ingress sender is gone now, so the writer finishes its last group and returns.
     writer.await?;
+    for task in uplink_tasks {
+        let _ = task.await;
+    }
     let _ = http.await;
     let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
     journal.flush().context("final journal flush")?;

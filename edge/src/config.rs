@@ -37,8 +37,7 @@ pub struct EdgeConfig {
     /// The cleaning pipeline between ingress and the journal (see `edge/clean-example.toml`).
     #[serde(default)]
     pub clean: crate::clean::CleanConfig,
-    /// The cloud targets whose cursors the journal keeps (the uplink that sends to them is a
-    /// separate component).
+    /// The cloud targets: each has a journal cursor and, with endpoints, an uplink.
     #[serde(default = "default_targets")]
     pub targets: Vec<TargetConfig>,
 }
@@ -101,6 +100,78 @@ impl Default for HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: String,
+    /// The cloud's base URLs (`https://host:port`), tried in order; empty: the journal keeps
+    /// the target's cursor but nothing is sent (see `edge/src/uplink.rs`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The CA that signed the cloud's server certificate (PEM), relative to the data directory
+    /// when not absolute.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The stream name in the cloud (default: the target's name).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Which readings go to this target: any rule matching (device and metric globs, `*` and
+    /// `?`). No rules: everything.
+    #[serde(default)]
+    pub include: Vec<RouteRule>,
+    /// First-start enrollment: the token and site from the gateway's provisioning.
+    #[serde(default)]
+    pub enrollment: Option<EnrollmentConfig>,
+    /// Batching: send when this many readings, this many encoded bytes, or this old.
+    #[serde(default = "default_batch_readings")]
+    pub batch_max_readings: usize,
+    #[serde(default = "default_batch_bytes")]
+    pub batch_max_bytes: usize,
+    #[serde(default = "default_batch_age_ms")]
+    pub batch_max_age_ms: u64,
+    /// Batches sent before the first is acknowledged (committed in order).
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    #[serde(default = "star")]
+    pub devices: String,
+    #[serde(default = "star")]
+    pub metrics: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// The one-time enrollment token; or `token_file` to read it from (relative to the data
+    /// directory when not absolute).
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    pub site_id: String,
+    /// The gateway's name in the cloud (default: the gateway id).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn star() -> String {
+    "*".into()
+}
+
+fn default_batch_readings() -> usize {
+    5_000
+}
+
+fn default_batch_bytes() -> usize {
+    1 << 20
+}
+
+fn default_batch_age_ms() -> u64 {
+    200
+}
+
+fn default_in_flight() -> usize {
+    4
 }
 
 fn default_quota_mb() -> f64 {
@@ -124,6 +195,15 @@ fn default_http_listen() -> SocketAddr {
 fn default_targets() -> Vec<TargetConfig> {
     vec![TargetConfig {
         name: "cloud".into(),
+        endpoints: Vec::new(),
+        ca: None,
+        stream: None,
+        include: Vec::new(),
+        enrollment: None,
+        batch_max_readings: default_batch_readings(),
+        batch_max_bytes: default_batch_bytes(),
+        batch_max_age_ms: default_batch_age_ms(),
+        in_flight: default_in_flight(),
     }]
 }
 
@@ -218,6 +298,38 @@ impl EdgeConfig {
                     format!("targets[{i}].name"),
                     format!("{:?} appears twice", target.name),
                 ));
+            }
+            for endpoint in &target.endpoints {
+                if !endpoint.starts_with("https://") {
+                    return Err(invalid(
+                        format!("targets[{i}].endpoints"),
+                        format!("{endpoint:?}: the uplink speaks HTTPS only"),
+                    ));
+                }
+            }
+            if !target.endpoints.is_empty() && target.ca.is_none() {
+                return Err(invalid(
+                    format!("targets[{i}].ca"),
+                    "a target with endpoints needs the CA of the cloud's certificate".into(),
+                ));
+            }
+            if target.batch_max_readings == 0 || target.in_flight == 0 {
+                return Err(invalid(
+                    format!("targets[{i}]"),
+                    "batch_max_readings and in_flight must be at least 1".into(),
+                ));
+            }
+            if let Some(stream) = &target.stream {
+                fieldgate_shared::model::StreamId::new(stream)
+                    .map_err(|e| invalid(format!("targets[{i}].stream"), e.to_string()))?;
+            }
+            if let Some(enrollment) = &target.enrollment {
+                if enrollment.token.is_some() == enrollment.token_file.is_some() {
+                    return Err(invalid(
+                        format!("targets[{i}].enrollment"),
+                        "give exactly one of token and token_file".into(),
+                    ));
+                }
             }
         }
         crate::clean::Pipeline::new(&self.clean)

@@ -18,6 +18,7 @@ use crate::clean::{Flag, Pipeline, QuarantineSnapshot, Reason};
 use crate::ingress::mqtt::{MqttIngressSnapshot, MqttIngressStats};
 use crate::journal::{Journal, JournalStats};
 use crate::supervise::Restarts;
+use crate::uplink::UplinkStats;
 use crate::writer::WriterStats;
 
 /// What the HTTP handlers read: shared handles to the agent's parts.
@@ -35,6 +36,8 @@ pub struct AgentState {
     pub modbus_pollers: Vec<(String, PollerStats)>,
     /// Set when the journal was found corrupt at start and moved aside: readings were lost.
     pub journal_moved_aside: Option<String>,
+    /// (target, counters) of each target with endpoints.
+    pub uplinks: Vec<(String, Arc<UplinkStats>)>,
 }
 
 pub fn router(state: AgentState) -> Router {
@@ -55,6 +58,48 @@ pub struct Status {
     pub serial_links: Vec<LinkStatus>,
     pub modbus_lines: Vec<String>,
     pub mqtt: Option<MqttIngressSnapshot>,
+    pub uplinks: Vec<UplinkStatus>,
+}
+
+#[derive(Serialize)]
+pub struct UplinkStatus {
+    pub target: String,
+    pub gateway_id: Option<String>,
+    pub endpoint: u64,
+    pub batches_sent: u64,
+    pub readings_sent: u64,
+    pub bytes_sent: u64,
+    pub duplicates: u64,
+    pub failures: u64,
+    pub failovers: u64,
+    pub throttled: u64,
+    pub declared_lost: u64,
+    pub last_error: Option<String>,
+}
+
+fn uplink_status(target: &str, stats: &UplinkStats) -> UplinkStatus {
+    UplinkStatus {
+        target: target.to_string(),
+        gateway_id: stats
+            .gateway_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+        endpoint: stats.endpoint.load(Relaxed),
+        batches_sent: stats.batches_sent.load(Relaxed),
+        readings_sent: stats.readings_sent.load(Relaxed),
+        bytes_sent: stats.bytes_sent.load(Relaxed),
+        duplicates: stats.duplicates.load(Relaxed),
+        failures: stats.failures.load(Relaxed),
+        failovers: stats.failovers.load(Relaxed),
+        throttled: stats.throttled.load(Relaxed),
+        declared_lost: stats.declared_lost.load(Relaxed),
+        last_error: stats
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    }
 }
 
 #[derive(Serialize)]
@@ -118,6 +163,11 @@ async fn status(State(state): State<AgentState>) -> Json<Status> {
             .map(|(port, _)| port.clone())
             .collect(),
         mqtt: state.mqtt.as_ref().map(|stats| stats.snapshot()),
+        uplinks: state
+            .uplinks
+            .iter()
+            .map(|(target, stats)| uplink_status(target, stats))
+            .collect(),
     })
 }
 
@@ -223,6 +273,37 @@ async fn metrics(State(state): State<AgentState>) -> impl IntoResponse {
         "counter",
         "Readings dropped unsent by the drop-oldest policy.",
         &one(journal.stats.readings_dropped_for_quota),
+    );
+    let per_uplink = |value: fn(&UplinkStats) -> u64| -> Vec<(String, u64)> {
+        state
+            .uplinks
+            .iter()
+            .map(|(target, stats)| (format!("{{target=\"{target}\"}}"), value(stats)))
+            .collect()
+    };
+    metric(
+        "uplink_readings_sent_total",
+        "counter",
+        "Readings the cloud acknowledged.",
+        &per_uplink(|s| s.readings_sent.load(Relaxed)),
+    );
+    metric(
+        "uplink_bytes_sent_total",
+        "counter",
+        "Encoded batch bytes the cloud acknowledged.",
+        &per_uplink(|s| s.bytes_sent.load(Relaxed)),
+    );
+    metric(
+        "uplink_failures_total",
+        "counter",
+        "Failed sends (each retried).",
+        &per_uplink(|s| s.failures.load(Relaxed)),
+    );
+    metric(
+        "uplink_declared_lost_total",
+        "counter",
+        "Readings declared lost to the cloud (dropped from the journal unsent).",
+        &per_uplink(|s| s.declared_lost.load(Relaxed)),
     );
     let backlog: Vec<(String, u64)> = journal
         .backlog

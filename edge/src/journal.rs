@@ -596,6 +596,11 @@ impl Journal {
     }
 
     /// Readings `target` has not acknowledged.
+    /// The next sequence number `target` has not acknowledged.
+    pub fn cursor(&self, target: &str) -> Option<u64> {
+        self.cursors.get(target).copied()
+    }
+
     pub fn backlog(&self, target: &str) -> Option<u64> {
         self.cursors
             .get(target)

@@ -12,6 +12,8 @@
 //! - [`supervise`]: restarts a failed ingress task with backoff.
 //! - [`journal`]: the durable journal on sled: sequence numbers, group-committed chunks, a
 //!   cursor per cloud target, the disk quota and its overflow policy, corruption recovery.
+//! - [`uplink`]: per cloud target: enrollment, batching, mutual-TLS ingest, in-order commit of
+//!   the journal cursor, retries, failover and routing rules.
 
 pub mod agent;
 pub mod clean;
@@ -20,4 +22,5 @@ pub mod http;
 pub mod ingress;
 pub mod journal;
 pub mod supervise;
+pub mod uplink;
 pub mod writer;

@@ -1,0 +1,786 @@
+//! The uplink: for each target with endpoints, sends the journal's readings to a cloud and
+//! moves the target's journal cursor only after the cloud has acknowledged them.
+//!
+//! - Identity: on first start the gateway enrolls with the token from its provisioning (its own
+//!   key pair, a CSR) and keeps key, certificate and gateway id under
+//!   `<data_dir>/identity/<target>/` (files mode 0600). Every later request uses mutual TLS.
+//! - Batches: the readings of journal range `[from, to]` that the target's rules select,
+//!   encoded with the shared codec; a batch is cut at `batch_max_readings`, `batch_max_bytes`
+//!   or when its oldest reading has waited `batch_max_age_ms`. The batch's sequence range is the
+//!   journal range it covers, so consecutive batches are contiguous for the cloud's
+//!   high-water mark even when rules skip readings.
+//! - Several batches are in flight; acknowledgements commit in order (the cursor moves only
+//!   over a prefix of acknowledged batches). Any failure drops the rest and resends from the
+//!   cursor: the cloud's high-water mark makes resends harmless.
+//! - Errors: connection failures and 5xx move to the next endpoint and back off (exponential,
+//!   full jitter, reset by the first success, so a recovered cloud gets full speed at once);
+//!   429/503 wait exactly `Retry-After`; a `stream_gap` answer moves the cursor to where the
+//!   cloud resumes, or, when the cloud wants readings this gateway no longer has (its journal
+//!   overflowed), resends with `Fieldgate-Declared-Loss` so the loss is recorded, not hidden.
+//!   After a failover the primary endpoint is tried again after a minute.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fieldgate_shared::api::IngestAck;
+use fieldgate_shared::codec::{BatchMeta, EncodeOptions, Encoder};
+use fieldgate_shared::model::{GatewayId, Reading, StreamId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::{RouteRule, TargetConfig};
+use crate::journal::Journal;
+
+const RETURN_TO_PRIMARY_AFTER: Duration = Duration::from_secs(60);
+const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const IDLE_POLL: Duration = Duration::from_millis(10);
+
+/// What an uplink has done, for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    pub batches_sent: AtomicU64,
+    pub readings_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// Readings the cloud already had (resends after a lost acknowledgement).
+    pub duplicates: AtomicU64,
+    pub failures: AtomicU64,
+    pub failovers: AtomicU64,
+    pub throttled: AtomicU64,
+    /// Readings the cloud was told are lost (the journal dropped them before they were sent).
+    pub declared_lost: AtomicU64,
+    pub endpoint: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    pub gateway_id: Mutex<Option<String>>,
+}
+
+impl UplinkStats {
+    fn error(&self, message: String) {
+        tracing::warn!(error = %message, "uplink");
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+    }
+}
+
+/// The gateway's identity at one cloud.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Identity {
+    pub gateway_id: String,
+    pub tenant_id: String,
+    #[serde(skip)]
+    pub key_pem: String,
+    #[serde(skip)]
+    pub cert_pem: String,
+}
+
+fn identity_dir(data_dir: &Path, target: &str) -> PathBuf {
+    data_dir.join("identity").join(target)
+}
+
+/// The identity kept on disk, if the gateway has enrolled.
+pub fn load_identity(data_dir: &Path, target: &str) -> Result<Option<Identity>> {
+    let dir = identity_dir(data_dir, target);
+    let meta = dir.join("identity.json");
+    if !meta.exists() {
+        return Ok(None);
+    }
+    let mut identity: Identity = serde_json::from_slice(&std::fs::read(&meta)?)
+        .with_context(|| format!("reading {}", meta.display()))?;
+    identity.key_pem = std::fs::read_to_string(dir.join("key.pem"))?;
+    identity.cert_pem = std::fs::read_to_string(dir.join("cert.pem"))?;
+    Ok(Some(identity))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn save_identity(data_dir: &Path, target: &str, identity: &Identity) -> Result<()> {
+    let dir = identity_dir(data_dir, target);
+    std::fs::create_dir_all(&dir)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    write_private(&dir.join("key.pem"), identity.key_pem.as_bytes())?;
+    write_private(&dir.join("cert.pem"), identity.cert_pem.as_bytes())?;
+    // Written last: its presence means the identity is complete.
+    write_private(
+        &dir.join("identity.json"),
+        &serde_json::to_vec_pretty(identity)?,
+    )?;
+    Ok(())
+}
+
+/// A key pair and a CSR for it: (key PEM, CSR PEM).
+fn new_key_and_csr(name: &str) -> Result<(String, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+fn resolve(data_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        data_dir.join(path)
+    }
+}
+
+/// Everything an uplink needs.
+pub struct Uplink {
+    pub target: TargetConfig,
+    pub data_dir: PathBuf,
+    pub gateway_name: String,
+    pub journal: Arc<Mutex<Journal>>,
+    pub stats: Arc<UplinkStats>,
+}
+
+#[derive(Debug)]
+enum SendError {
+    /// Wait this long and resend (429, 503).
+    RetryAfter(Duration),
+    /// The cloud continues the stream at this sequence number.
+    Resume(u64),
+    /// The batch is too large for the cloud.
+    TooLarge,
+    /// Connection, timeout, 5xx: try the next endpoint.
+    Transient(String),
+    /// The cloud refuses this gateway or batch (401, 403, 400): wait long, alert.
+    Refused(String),
+}
+
+struct Prepared {
+    first_seq: u64,
+    last_seq: u64,
+    readings: u64,
+    bytes: Vec<u8>,
+}
+
+impl Uplink {
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_INITIAL;
+        let client_base = match self.base_client() {
+            Ok(client) => client,
+            Err(err) => {
+                self.stats
+                    .error(format!("target {}: {err:#}", self.target.name));
+                return;
+            }
+        };
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let identity = match self.identity(&client_base).await {
+                Ok(identity) => identity,
+                Err(err) => {
+                    self.stats.error(format!("enrollment: {err:#}"));
+                    if sleep_or_stop(&mut stop, jitter(backoff)).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            *self
+                .stats
+                .gateway_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(identity.gateway_id.clone());
+            let client = match self.client_with(&identity) {
+                Ok(client) => client,
+                Err(err) => {
+                    self.stats.error(format!("loading the identity: {err:#}"));
+                    if sleep_or_stop(&mut stop, BACKOFF_MAX).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if self.send_loop(&client, &identity, &mut stop).await {
+                return;
+            }
+        }
+    }
+
+    fn ca(&self) -> Result<reqwest::Certificate> {
+        let path = resolve(
+            &self.data_dir,
+            self.target.ca.as_deref().context("the target has no ca")?,
+        );
+        let pem = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        reqwest::Certificate::from_pem(&pem).context("the target's ca is not a PEM certificate")
+    }
+
+    fn builder(&self) -> Result<reqwest::ClientBuilder> {
+        Ok(reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(self.ca()?)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .tcp_keepalive(Duration::from_secs(15))
+            .pool_max_idle_per_host(self.target.in_flight))
+    }
+
+    fn base_client(&self) -> Result<reqwest::Client> {
+        Ok(self.builder()?.build()?)
+    }
+
+    fn client_with(&self, identity: &Identity) -> Result<reqwest::Client> {
+        let pem = format!("{}\n{}", identity.cert_pem, identity.key_pem);
+        Ok(self
+            .builder()?
+            .identity(reqwest::Identity::from_pem(pem.as_bytes())?)
+            .build()?)
+    }
+
+    /// The identity on disk, or a new one from enrolling with the provisioning token.
+    async fn identity(&self, client: &reqwest::Client) -> Result<Identity> {
+        if let Some(identity) = load_identity(&self.data_dir, &self.target.name)? {
+            return Ok(identity);
+        }
+        let enrollment = self.target.enrollment.as_ref().context(
+            "not enrolled and no enrollment in the provisioning; add [targets.enrollment]",
+        )?;
+        let token = match (&enrollment.token, &enrollment.token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(file)) => {
+                let path = resolve(&self.data_dir, file);
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading the enrollment token {}", path.display()))?
+                    .trim()
+                    .to_string()
+            }
+            (None, None) => anyhow::bail!("the enrollment has no token"),
+        };
+        let name = enrollment
+            .name
+            .clone()
+            .unwrap_or_else(|| self.gateway_name.clone());
+        let (key_pem, csr_pem) = new_key_and_csr(&name)?;
+        let mut last_error = None;
+        for endpoint in &self.target.endpoints {
+            let response = client
+                .post(format!("{endpoint}/v1/enroll"))
+                .json(&serde_json::json!({
+                    "token": token,
+                    "site_id": enrollment.site_id,
+                    "name": name,
+                    "csr_pem": csr_pem,
+                    "version": env!("CARGO_PKG_VERSION"),
+                }))
+                .send()
+                .await;
+            match response {
+                Ok(response) if response.status() == reqwest::StatusCode::CREATED => {
+                    let issued: serde_json::Value = response.json().await?;
+                    let identity = Identity {
+                        gateway_id: issued["gateway_id"]
+                            .as_str()
+                            .context("no gateway_id")?
+                            .into(),
+                        tenant_id: issued["tenant_id"].as_str().context("no tenant_id")?.into(),
+                        key_pem,
+                        cert_pem: issued["certificate_pem"]
+                            .as_str()
+                            .context("no certificate")?
+                            .into(),
+                    };
+                    save_identity(&self.data_dir, &self.target.name, &identity)?;
+                    tracing::info!(target = %self.target.name, gateway_id = %identity.gateway_id, "enrolled");
+                    return Ok(identity);
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    anyhow::bail!("{endpoint} refused the enrollment ({status}): {body}");
+                }
+                Err(err) => last_error = Some(format!("{endpoint}: {err}")),
+            }
+        }
+        anyhow::bail!("no endpoint answered: {}", last_error.unwrap_or_default())
+    }
+
+    fn endpoint(&self) -> &str {
+        let i = self.stats.endpoint.load(Ordering::Relaxed) as usize;
+        &self.target.endpoints[i % self.target.endpoints.len()]
+    }
+
+    /// Sends until stopped (true) or until the identity must be reloaded (false).
+    async fn send_loop(
+        &self,
+        client: &reqwest::Client,
+        identity: &Identity,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let gateway = match GatewayId::new(&identity.gateway_id) {
+            Ok(id) => id,
+            Err(err) => {
+                self.stats
+                    .error(format!("the enrolled gateway id is unusable: {err}"));
+                return sleep_or_stop(stop, BACKOFF_MAX).await;
+            }
+        };
+        let stream_name = self
+            .target
+            .stream
+            .clone()
+            .unwrap_or_else(|| self.target.name.clone());
+        let stream = match StreamId::new(&stream_name) {
+            Ok(stream) => stream,
+            Err(err) => {
+                self.stats.error(format!("stream name: {err}"));
+                return sleep_or_stop(stop, BACKOFF_MAX).await;
+            }
+        };
+        let mut encoder = Encoder::new(EncodeOptions::default()).expect("zstd context");
+        let mut backoff = BACKOFF_INITIAL;
+        let mut max_readings = self.target.batch_max_readings;
+        let mut declare_loss = false;
+        let mut failed_over_at: Option<Instant> = None;
+        'resend: loop {
+            let Some(mut send_from) = self.cursor() else {
+                self.stats.error(format!(
+                    "the journal has no cursor for {}",
+                    self.target.name
+                ));
+                return sleep_or_stop(stop, BACKOFF_MAX).await;
+            };
+            let mut in_flight = futures_ordered::Queue::default();
+            let mut waiting_since: Option<Instant> = None;
+            loop {
+                if *stop.borrow() {
+                    return true;
+                }
+                if let Some(at) = failed_over_at {
+                    if at.elapsed() > RETURN_TO_PRIMARY_AFTER {
+                        self.stats.endpoint.store(0, Ordering::Relaxed);
+                        failed_over_at = None;
+                    }
+                }
+                // Fill the pipeline.
+                while in_flight.len() < self.target.in_flight {
+                    let prepared = match self.prepare(
+                        &mut encoder,
+                        &gateway,
+                        &stream,
+                        send_from,
+                        max_readings,
+                        &mut waiting_since,
+                    ) {
+                        Ok(Some(prepared)) => prepared,
+                        Ok(None) => break,
+                        Err(err) => {
+                            self.stats.error(format!("reading the journal: {err:#}"));
+                            if sleep_or_stop(stop, BACKOFF_MAX).await {
+                                return true;
+                            }
+                            continue 'resend;
+                        }
+                    };
+                    send_from = prepared.last_seq + 1;
+                    let request = self.send(client, prepared, declare_loss);
+                    in_flight.push(Box::pin(request));
+                }
+                if in_flight.is_empty() {
+                    if sleep_or_stop(stop, IDLE_POLL).await {
+                        return true;
+                    }
+                    continue;
+                }
+                let outcome = tokio::select! {
+                    outcome = in_flight.next() => outcome,
+                    _ = stop.wait_for(|s| *s) => return true,
+                };
+                let Some((prepared, result)) = outcome else {
+                    continue;
+                };
+                match result {
+                    Ok(ack) => {
+                        declare_loss = false;
+                        backoff = BACKOFF_INITIAL;
+                        if let Err(err) = self.ack(prepared.last_seq) {
+                            self.stats
+                                .error(format!("moving the journal cursor: {err:#}"));
+                            continue 'resend;
+                        }
+                        self.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .readings_sent
+                            .fetch_add(prepared.readings, Ordering::Relaxed);
+                        self.stats
+                            .bytes_sent
+                            .fetch_add(prepared.bytes.len() as u64, Ordering::Relaxed);
+                        self.stats
+                            .duplicates
+                            .fetch_add(ack.duplicates, Ordering::Relaxed);
+                    }
+                    Err(SendError::RetryAfter(wait)) => {
+                        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                        drop(in_flight);
+                        if sleep_or_stop(stop, wait).await {
+                            return true;
+                        }
+                        continue 'resend;
+                    }
+                    Err(SendError::Resume(resume_from)) => {
+                        drop(in_flight);
+                        if resume_from > prepared.first_seq {
+                            // The cloud has everything before `resume_from` already.
+                            if let Err(err) = self.ack(resume_from - 1) {
+                                self.stats
+                                    .error(format!("moving the journal cursor: {err:#}"));
+                            }
+                        } else {
+                            // The cloud wants readings this gateway no longer holds.
+                            let lost = prepared.first_seq - resume_from;
+                            self.stats.declared_lost.fetch_add(lost, Ordering::Relaxed);
+                            self.stats.error(format!(
+                                "readings {resume_from}..{} were dropped from the journal before they were sent; declaring them lost",
+                                prepared.first_seq
+                            ));
+                            declare_loss = true;
+                        }
+                        continue 'resend;
+                    }
+                    Err(SendError::TooLarge) => {
+                        drop(in_flight);
+                        max_readings = (max_readings / 2).max(1);
+                        self.stats.error(format!(
+                            "batch too large; now at most {max_readings} readings"
+                        ));
+                        continue 'resend;
+                    }
+                    Err(SendError::Transient(message)) => {
+                        drop(in_flight);
+                        self.stats.error(format!("{}: {message}", self.endpoint()));
+                        if self.target.endpoints.len() > 1 {
+                            self.stats.endpoint.fetch_add(1, Ordering::Relaxed);
+                            self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                            failed_over_at = Some(Instant::now());
+                        }
+                        if sleep_or_stop(stop, jitter(backoff)).await {
+                            return true;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue 'resend;
+                    }
+                    Err(SendError::Refused(message)) => {
+                        drop(in_flight);
+                        self.stats.error(format!("{}: {message}", self.endpoint()));
+                        if sleep_or_stop(stop, jitter(backoff.max(Duration::from_secs(5)))).await {
+                            return true;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue 'resend;
+                    }
+                }
+            }
+        }
+    }
+
+    fn cursor(&self) -> Option<u64> {
+        let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.cursor(&self.target.name)
+    }
+
+    fn ack(&self, through: u64) -> Result<()> {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.ack(&self.target.name, through)?;
+        Ok(())
+    }
+
+    /// The next batch from `from`, or None to wait (nothing new, or too little and too young).
+    fn prepare(
+        &self,
+        encoder: &mut Encoder,
+        gateway: &GatewayId,
+        stream: &StreamId,
+        from: u64,
+        max_readings: usize,
+        waiting_since: &mut Option<Instant>,
+    ) -> Result<Option<Prepared>> {
+        let scan = max_readings.saturating_mul(4).max(1024);
+        let (entries, end) = {
+            let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            let end = journal.next_seq();
+            (journal.read_from(from, scan)?, end)
+        };
+        let Some(&(last_scanned, _)) = entries.last() else {
+            *waiting_since = None;
+            return Ok(None);
+        };
+        let mut readings: Vec<Reading> = Vec::new();
+        let mut last_seq = last_scanned;
+        for (seq, reading) in entries {
+            if !selected(&self.target.include, &reading) {
+                continue;
+            }
+            readings.push(reading);
+            if readings.len() == max_readings {
+                last_seq = seq;
+                break;
+            }
+        }
+        let full = readings.len() >= max_readings;
+        let caught_up = last_seq + 1 >= end;
+        if readings.is_empty() {
+            // Nothing for this target yet: the range waits to be covered by the next batch.
+            return Ok(None);
+        }
+        if !full && caught_up {
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < Duration::from_millis(self.target.batch_max_age_ms) {
+                return Ok(None);
+            }
+        }
+        *waiting_since = None;
+        let meta = BatchMeta {
+            gateway: gateway.clone(),
+            stream: stream.clone(),
+            first_seq: from,
+            last_seq,
+        };
+        let mut bytes = encoder.encode(&meta, &readings)?;
+        // Too many bytes: halve the batch (the readings are all still in the journal).
+        while bytes.len() > self.target.batch_max_bytes && readings.len() > 1 {
+            readings.truncate(readings.len() / 2);
+            let last = from + readings.len() as u64 - 1;
+            let meta = BatchMeta {
+                last_seq: last,
+                ..meta.clone()
+            };
+            if self.target.include.is_empty() {
+                bytes = encoder.encode(&meta, &readings)?;
+                last_seq = last;
+            } else {
+                // With rules the journal range of a truncated batch is not simply its length:
+                // send it whole rather than guess.
+                break;
+            }
+        }
+        Ok(Some(Prepared {
+            first_seq: from,
+            last_seq,
+            readings: readings.len() as u64,
+            bytes,
+        }))
+    }
+
+    fn send(
+        &self,
+        client: &reqwest::Client,
+        prepared: Prepared,
+        declare_loss: bool,
+    ) -> impl std::future::Future<Output = (Prepared, Result<IngestAck, SendError>)> + Send + 'static
+    {
+        let url = format!("{}/v1/ingest", self.endpoint());
+        let backlog = {
+            let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            journal.backlog(&self.target.name).unwrap_or(0)
+        };
+        let mut request = client
+            .post(url)
+            .header("content-type", "application/octet-stream")
+            .header("fieldgate-backlog", backlog.to_string())
+            .header("fieldgate-version", env!("CARGO_PKG_VERSION"))
+            .body(prepared.bytes.clone());
+        if declare_loss {
+            request = request.header("fieldgate-declared-loss", "true");
+        }
+        async move {
+            let result = match request.send().await {
+                Err(err) => Err(SendError::Transient(err.to_string())),
+                Ok(response) => classify(response).await,
+            };
+            (prepared, result)
+        }
+    }
+}
+
+async fn classify(response: reqwest::Response) -> Result<IngestAck, SendError> {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = response
+        .text()
+        .await
+        .map_err(|e| SendError::Transient(e.to_string()))?;
+    if status.is_success() {
+        return serde_json::from_str(&body).map_err(|e| {
+            SendError::Transient(format!("an acknowledgement that does not parse: {e}"))
+        });
+    }
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    match status.as_u16() {
+        409 => match error["resume_from"].as_u64() {
+            Some(resume_from) => Err(SendError::Resume(resume_from)),
+            None => Err(SendError::Refused(format!("409: {body}"))),
+        },
+        429 | 503 => Err(SendError::RetryAfter(Duration::from_secs(
+            retry_after.unwrap_or(1),
+        ))),
+        413 => Err(SendError::TooLarge),
+        400..=499 => Err(SendError::Refused(format!("{status}: {body}"))),
+        _ => Err(SendError::Transient(format!("{status}: {body}"))),
+    }
+}
+
+/// Whether a reading goes to a target with these rules (none: everything).
+pub fn selected(rules: &[RouteRule], reading: &Reading) -> bool {
+    rules.is_empty()
+        || rules.iter().any(|rule| {
+            glob(&rule.devices, reading.device.as_str())
+                && glob(&rule.metrics, reading.metric.as_str())
+        })
+}
+
+/// `*` (any run) and `?` (any one character) glob matching.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Full jitter: a random wait up to `backoff`.
+fn jitter(backoff: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let fraction = f64::from(nanos % 1000 + 1) / 1000.0;
+    backoff.mul_f64(fraction).max(Duration::from_millis(10))
+}
+
+/// Sleeps; true if `stop` turned true meanwhile.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(duration) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+/// A minimal in-order queue of futures (what `FuturesOrdered` does, for one consumer).
+mod futures_ordered {
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::pin::Pin;
+
+    type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+    /// Futures polled together, results taken in the order they were pushed.
+    pub struct Queue<T> {
+        futures: VecDeque<(Boxed<T>, Option<T>)>,
+    }
+
+    impl<T> Default for Queue<T> {
+        fn default() -> Self {
+            Self {
+                futures: VecDeque::new(),
+            }
+        }
+    }
+
+    impl<T: Send + 'static> Queue<T> {
+        pub fn push(&mut self, future: Boxed<T>) {
+            self.futures.push_back((future, None));
+        }
+
+        pub fn len(&self) -> usize {
+            self.futures.len()
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.futures.is_empty()
+        }
+
+        /// The first pushed future's output, once it is ready (the others make progress too).
+        pub async fn next(&mut self) -> Option<T> {
+            if self.futures.is_empty() {
+                return None;
+            }
+            std::future::poll_fn(|cx| {
+                for (future, output) in self.futures.iter_mut() {
+                    if output.is_none() {
+                        if let std::task::Poll::Ready(value) = future.as_mut().poll(cx) {
+                            *output = Some(value);
+                        }
+                    }
+                }
+                match self.futures.front_mut() {
+                    Some((_, output)) if output.is_some() => {
+                        let value = output.take();
+                        self.futures.pop_front();
+                        std::task::Poll::Ready(value)
+                    }
+                    _ => std::task::Poll::Pending,
+                }
+            })
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_shells() {
+        assert!(glob("*", "anything"));
+        assert!(glob("pump-*", "pump-7"));
+        assert!(!glob("pump-*", "fan-7"));
+        assert!(glob("*.temp", "hall.temp"));
+        assert!(glob("dev-?", "dev-3"));
+        assert!(!glob("dev-?", "dev-31"));
+        assert!(glob("a*b*c", "a-x-b-y-c"));
+        assert!(!glob("a*b*c", "a-x-c"));
+        assert!(glob("", ""));
+        assert!(!glob("", "x"));
+    }
+}
