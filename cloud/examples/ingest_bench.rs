@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
                 source_ip: "127.0.0.1".into(),
             };
             for bytes in &batches[0] {
-                ingest::ingest_batch(&state, &gateway, bytes, false)
+                ingest::ingest_batch(&state, &gateway, bytes, None, Some(0))
                     .await
                     .map_err(|e| anyhow::anyhow!("{}", e.body.message))?;
             }

@@ -5,7 +5,8 @@
 //! accepts. A batch wholly below it is a resend (acknowledged, not stored); one straddling it is
 //! trimmed to the readings above it; one starting above it would leave a hole and is refused
 //! with `stream_gap` and where to resume, unless the gateway declares the hole lost
-//! (`Fieldgate-Declared-Loss: true`, after its journal overflowed), which is recorded. The check
+//! (`Fieldgate-Declared-Loss: <first lost seq>`, after its journal overflowed; accepted only when
+//! it names exactly the stream's high-water mark, so a stale or racing declaration loses nothing), which is recorded. The check
 //! and the store run in one transaction that first locks the stream row, so concurrent senders
 //! of one stream serialise and every reading is stored once.
 //!
@@ -27,6 +28,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use fieldgate_shared::api::IngestAck;
 use fieldgate_shared::codec::{ColumnarBatch, DecodeError, Decoder};
+use fieldgate_shared::model::{GatewayId, StreamId};
 
 use crate::config::Limits;
 use crate::db::{now_ms, Db};
@@ -147,11 +149,17 @@ impl TokenBucket {
 const HEADER_BACKLOG: &str = "fieldgate-backlog";
 const HEADER_VERSION: &str = "fieldgate-version";
 const HEADER_DECLARED_LOSS: &str = "fieldgate-declared-loss";
+const HEADER_STREAM_START: &str = "fieldgate-stream-start";
+/// `<first>-<last>`: a range of the gateway's sequence numbers none of which belong to this
+/// stream (its routing rules sent them elsewhere); moves the high-water mark past them.
+const HEADER_SKIP: &str = "fieldgate-skip";
+const HEADER_STREAM: &str = "fieldgate-stream";
 
 /// Ingest one encoded batch (`application/octet-stream`, the shared codec's format). Needs the
 /// gateway's client certificate. Optional headers: `Fieldgate-Backlog` (readings waiting in
-/// the gateway), `Fieldgate-Version`, `Fieldgate-Declared-Loss: true` (the readings between
-/// the stream's high-water mark and this batch were lost at the gateway).
+/// the gateway), `Fieldgate-Version`, `Fieldgate-Declared-Loss: <seq>` (the readings from `seq` up
+/// to this batch were lost at the gateway; honoured only when `seq` is the stream's high-water
+/// mark).
 #[utoipa::path(post, path = "/v1/ingest", tag = "gateway",
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = IngestAckBody), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -226,9 +234,22 @@ async fn ingest_inner(
     let bytes = axum::body::to_bytes(body, limits.max_batch_bytes)
         .await
         .map_err(|_| too_large())?;
-    let declared_loss =
-        header_str(headers, HEADER_DECLARED_LOSS).is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    ingest_batch(state, gateway, &bytes, declared_loss).await
+    if let Some(range) = header_str(headers, HEADER_SKIP) {
+        return skip_range(state, gateway, headers, range, &bytes).await;
+    }
+    let declared_loss = match header_str(headers, HEADER_DECLARED_LOSS) {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::bad_request("Fieldgate-Declared-Loss is the first lost sequence number")
+        })?),
+    };
+    let stream_start = match header_str(headers, HEADER_STREAM_START) {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::bad_request("Fieldgate-Stream-Start is the stream's first sequence number")
+        })?),
+    };
+    ingest_batch(state, gateway, &bytes, declared_loss, stream_start).await
 }
 
 /// Check, admit, decode and store one encoded batch from `gateway`: the whole of ingest after
@@ -237,7 +258,8 @@ pub async fn ingest_batch(
     state: &AppState,
     gateway: &GatewayIdentity,
     bytes: &[u8],
-    declared_loss: bool,
+    declared_loss: Option<u64>,
+    stream_start: Option<u64>,
 ) -> ApiResult<IngestAck> {
     let limits = &state.config.limits;
     let header = Decoder::header(bytes).map_err(bad_batch)?;
@@ -265,7 +287,7 @@ pub async fn ingest_batch(
     let decoded = decoder.decode_into(bytes, &mut batch);
     lock(&state.ingest.decoders).push(decoder);
     decoded.map_err(bad_batch)?;
-    store_batch(state, gateway, &batch, bytes, declared_loss).await
+    store_batch(state, gateway, &batch, bytes, declared_loss, stream_start).await
 }
 
 fn bad_batch(err: DecodeError) -> ApiError {
@@ -284,12 +306,90 @@ fn stream_gap(next_seq: u64, first_seq: u64) -> ApiError {
     err
 }
 
+/// A skip: an empty body, `Fieldgate-Stream` naming the stream, `Fieldgate-Skip: first-last`.
+/// Accepted when it starts at the high-water mark (or lies below it: a resend).
+async fn skip_range(
+    state: &AppState,
+    gateway: &GatewayIdentity,
+    headers: &HeaderMap,
+    range: &str,
+    body: &[u8],
+) -> ApiResult<IngestAck> {
+    let bad = || {
+        ApiError::bad_request(
+            "Fieldgate-Skip is `<first>-<last>` with an empty body and Fieldgate-Stream",
+        )
+    };
+    if !body.is_empty() {
+        return Err(bad());
+    }
+    let (first, last) = range
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)))
+        .filter(|(a, b)| a <= b)
+        .ok_or_else(bad)?;
+    let stream = header_str(headers, HEADER_STREAM)
+        .and_then(|s| StreamId::new(s).ok())
+        .ok_or_else(bad)?;
+    let stream_start =
+        header_str(headers, HEADER_STREAM_START).and_then(|v| v.trim().parse::<u64>().ok());
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO streams (id, tenant_id, gateway_id, name, readings, updated_at) VALUES ($1, $2, $3, $4, 0, $5) \
+         ON CONFLICT (gateway_id, name) DO NOTHING",
+    )
+    .bind(new_id("sm"))
+    .bind(&gateway.tenant_id)
+    .bind(&gateway.gateway_id)
+    .bind(stream.as_str())
+    .bind(now)
+    .execute(&state.db.pool)
+    .await?;
+    let mut tx = state.db.pool.begin().await?;
+    let row: Option<(String, Option<i64>)> = sqlx::query_as(
+        "UPDATE streams SET updated_at = $1 WHERE gateway_id = $2 AND name = $3 AND tenant_id = $4 RETURNING id, next_seq",
+    )
+    .bind(now)
+    .bind(&gateway.gateway_id)
+    .bind(stream.as_str())
+    .bind(&gateway.tenant_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let next = row
+        .as_ref()
+        .and_then(|(_, n)| n.map(|n| n as u64))
+        .or(stream_start);
+    let ack = |hwm: u64| IngestAck {
+        gateway: GatewayId::new(&gateway.gateway_id).expect("gateway ids are valid names"),
+        stream: stream.clone(),
+        high_water_mark: hwm,
+        stored: 0,
+        duplicates: 0,
+    };
+    match (row, next) {
+        (_, Some(next)) if last < next => Ok(ack(next.saturating_sub(1))),
+        (Some((stream_id, _)), Some(next)) if first == next => {
+            sqlx::query("UPDATE streams SET next_seq = $1 WHERE id = $2")
+                .bind((last + 1) as i64)
+                .bind(&stream_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(ack(last))
+        }
+        (_, Some(next)) => Err(stream_gap(next, first)),
+        // A stream that has never had a batch and no declared start: nothing to skip yet.
+        (_, None) => Ok(ack(last)),
+    }
+}
+
 async fn store_batch(
     state: &AppState,
     gateway: &GatewayIdentity,
     batch: &ColumnarBatch,
     bytes: &[u8],
-    declared_loss: bool,
+    declared_loss: Option<u64>,
+    stream_start: Option<u64>,
 ) -> ApiResult<IngestAck> {
     let header = batch.header();
     let stream = header.stream.as_str();
@@ -321,7 +421,9 @@ async fn store_batch(
     .bind(&gateway.tenant_id)
     .fetch_one(&mut *tx)
     .await?;
-    let next_seq = next_seq.map(|n| n as u64);
+    // A new stream starts where the gateway says (its batches may arrive out of order, so the
+    // first to arrive is not necessarily the first); without a declared start, anywhere.
+    let next_seq = next_seq.map(|n| n as u64).or(stream_start);
     let ack = |high_water_mark: u64, stored: u64, duplicates: u64| IngestAck {
         gateway: header.gateway.clone(),
         stream: header.stream.clone(),
@@ -335,7 +437,8 @@ async fn store_batch(
             return Ok(ack(next - 1, 0, u64::from(header.count)));
         }
         Some(next) if header.first_seq > next => {
-            if !declared_loss {
+            // A loss is accepted only as declared: exactly from the stream's high-water mark.
+            if declared_loss != Some(next) {
                 return Err(stream_gap(next, header.first_seq));
             }
             sqlx::query(

@@ -171,11 +171,21 @@ async fn a_declared_loss_is_accepted_and_recorded(backend: Backend) {
         cloud.ingest(&gw, &batch(&gw.id, "raw", 0, 9)).await.0,
         StatusCode::OK
     );
+    // A declaration that does not start at the high-water mark (stale, racing) is a gap.
+    let (status, err) = cloud
+        .ingest_with(
+            &gw,
+            &batch(&gw.id, "raw", 100, 109),
+            &[("fieldgate-declared-loss", "5")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    assert_eq!(err["resume_from"].as_u64(), Some(10));
     let (status, ack) = cloud
         .ingest_with(
             &gw,
             &batch(&gw.id, "raw", 100, 109),
-            &[("fieldgate-declared-loss", "true")],
+            &[("fieldgate-declared-loss", "10")],
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{ack}");

@@ -128,6 +128,13 @@ pub struct TargetConfig {
     /// Batches sent before the first is acknowledged (committed in order).
     #[serde(default = "default_in_flight")]
     pub in_flight: usize,
+    /// A request without an answer this long is abandoned (a half-open connection) and resent.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_request_timeout_ms() -> u64 {
+    30_000
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -204,6 +211,7 @@ fn default_targets() -> Vec<TargetConfig> {
         batch_max_bytes: default_batch_bytes(),
         batch_max_age_ms: default_batch_age_ms(),
         in_flight: default_in_flight(),
+        request_timeout_ms: default_request_timeout_ms(),
     }]
 }
 

@@ -15,8 +15,10 @@
 //! - Errors: connection failures and 5xx move to the next endpoint and back off (exponential,
 //!   full jitter, reset by the first success, so a recovered cloud gets full speed at once);
 //!   429/503 wait exactly `Retry-After`; a `stream_gap` answer moves the cursor to where the
-//!   cloud resumes, or, when the cloud wants readings this gateway no longer has (its journal
-//!   overflowed), resends with `Fieldgate-Declared-Loss` so the loss is recorded, not hidden.
+//!   cloud resumes (a gap below the cursor is usually a stale answer to a request that overtook
+//!   an earlier one, so it is believed only when a lone request gets it again); readings the
+//!   journal dropped before they were sent (its overflow policy) are declared with
+//!   `Fieldgate-Declared-Loss: <first lost seq>`, so the loss is recorded, not hidden.
 //!   After a failover the primary endpoint is tried again after a minute.
 
 use std::path::{Path, PathBuf};
@@ -172,6 +174,9 @@ enum SendError {
 }
 
 struct Prepared {
+    /// Set when the journal no longer held readings from here to `first_seq` (dropped by its
+    /// overflow policy before they were sent).
+    lost_from: Option<u64>,
     first_seq: u64,
     last_seq: u64,
     readings: u64,
@@ -241,7 +246,7 @@ impl Uplink {
             .tls_built_in_root_certs(false)
             .add_root_certificate(self.ca()?)
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_millis(self.target.request_timeout_ms))
             .tcp_keepalive(Duration::from_secs(15))
             .pool_max_idle_per_host(self.target.in_flight))
     }
@@ -357,10 +362,22 @@ impl Uplink {
                 return sleep_or_stop(stop, BACKOFF_MAX).await;
             }
         };
+        let stream_start = match self.stream_start(&stream_name) {
+            Ok(start) => start,
+            Err(err) => {
+                self.stats.error(format!("the stream's start: {err:#}"));
+                return sleep_or_stop(stop, BACKOFF_MAX).await;
+            }
+        };
         let mut encoder = Encoder::new(EncodeOptions::default()).expect("zstd context");
         let mut backoff = BACKOFF_INITIAL;
         let mut max_readings = self.target.batch_max_readings;
-        let mut declare_loss = false;
+        // The first lost sequence number to declare with the next batch (the journal dropped
+        // readings before they were sent).
+        let mut declare_loss: Option<u64> = None;
+        // A `stream_gap` below our cursor: usually a stale answer to a request that overtook an
+        // earlier one. It is believed only when a lone request gets it again.
+        let mut suspected_loss: Option<u64> = None;
         let mut failed_over_at: Option<Instant> = None;
         'resend: loop {
             let Some(mut send_from) = self.cursor() else {
@@ -382,8 +399,13 @@ impl Uplink {
                         failed_over_at = None;
                     }
                 }
-                // Fill the pipeline.
-                while in_flight.len() < self.target.in_flight {
+                // Fill the pipeline (one request at a time while a loss is being checked).
+                let window = if suspected_loss.is_some() {
+                    1
+                } else {
+                    self.target.in_flight
+                };
+                while in_flight.len() < window {
                     let prepared = match self.prepare(
                         &mut encoder,
                         &gateway,
@@ -403,7 +425,10 @@ impl Uplink {
                         }
                     };
                     send_from = prepared.last_seq + 1;
-                    let request = self.send(client, prepared, declare_loss);
+                    if let Some(lost_from) = prepared.lost_from {
+                        declare_loss = Some(lost_from);
+                    }
+                    let request = self.send(client, prepared, declare_loss.take(), stream_start);
                     in_flight.push(Box::pin(request));
                 }
                 if in_flight.is_empty() {
@@ -421,7 +446,7 @@ impl Uplink {
                 };
                 match result {
                     Ok(ack) => {
-                        declare_loss = false;
+                        suspected_loss = None;
                         backoff = BACKOFF_INITIAL;
                         if let Err(err) = self.ack(prepared.last_seq) {
                             self.stats
@@ -449,21 +474,27 @@ impl Uplink {
                     }
                     Err(SendError::Resume(resume_from)) => {
                         drop(in_flight);
-                        if resume_from > prepared.first_seq {
+                        let cursor = self.cursor().unwrap_or(prepared.first_seq);
+                        if resume_from > cursor {
                             // The cloud has everything before `resume_from` already.
                             if let Err(err) = self.ack(resume_from - 1) {
                                 self.stats
                                     .error(format!("moving the journal cursor: {err:#}"));
                             }
-                        } else {
-                            // The cloud wants readings this gateway no longer holds.
-                            let lost = prepared.first_seq - resume_from;
-                            self.stats.declared_lost.fetch_add(lost, Ordering::Relaxed);
-                            self.stats.error(format!(
-                                "readings {resume_from}..{} were dropped from the journal before they were sent; declaring them lost",
-                                prepared.first_seq
-                            ));
-                            declare_loss = true;
+                        } else if resume_from < cursor {
+                            if suspected_loss == Some(resume_from) {
+                                // Asked alone, the cloud still wants readings this gateway
+                                // acknowledged and no longer holds: record the loss.
+                                let lost = cursor - resume_from;
+                                self.stats.declared_lost.fetch_add(lost, Ordering::Relaxed);
+                                self.stats.error(format!(
+                                    "the cloud lacks readings {resume_from}..{cursor} this gateway no longer holds; declaring them lost"
+                                ));
+                                declare_loss = Some(resume_from);
+                                suspected_loss = None;
+                            } else {
+                                suspected_loss = Some(resume_from);
+                            }
                         }
                         continue 'resend;
                     }
@@ -503,6 +534,31 @@ impl Uplink {
         }
     }
 
+    fn stream_name(&self) -> String {
+        self.target
+            .stream
+            .clone()
+            .unwrap_or_else(|| self.target.name.clone())
+    }
+
+    /// Where this target's stream starts: the journal cursor when it was first sent, kept with
+    /// the identity so the cloud can tell a first batch that arrives late from a resend.
+    fn stream_start(&self, stream: &str) -> Result<u64> {
+        let path =
+            identity_dir(&self.data_dir, &self.target.name).join(format!("stream-{stream}.start"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return text
+                .trim()
+                .parse()
+                .with_context(|| format!("reading {}", path.display()));
+        }
+        let start = self
+            .cursor()
+            .context("the journal has no cursor for this target")?;
+        write_private(&path, start.to_string().as_bytes())?;
+        Ok(start)
+    }
+
     fn cursor(&self) -> Option<u64> {
         let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         journal.cursor(&self.target.name)
@@ -534,6 +590,15 @@ impl Uplink {
             *waiting_since = None;
             return Ok(None);
         };
+        let first_held = entries[0].0;
+        let (from, lost_from) = if first_held > from {
+            self.stats
+                .declared_lost
+                .fetch_add(first_held - from, Ordering::Relaxed);
+            (first_held, Some(from))
+        } else {
+            (from, None)
+        };
         let mut readings: Vec<Reading> = Vec::new();
         let mut last_seq = last_scanned;
         for (seq, reading) in entries {
@@ -549,8 +614,20 @@ impl Uplink {
         let full = readings.len() >= max_readings;
         let caught_up = last_seq + 1 >= end;
         if readings.is_empty() {
-            // Nothing for this target yet: the range waits to be covered by the next batch.
-            return Ok(None);
+            // Nothing here for this target. Once the range has waited its batch age, the cloud
+            // is told to skip it (an empty `Prepared`), so the journal can let it go.
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < Duration::from_millis(self.target.batch_max_age_ms) {
+                return Ok(None);
+            }
+            *waiting_since = None;
+            return Ok(Some(Prepared {
+                lost_from,
+                first_seq: from,
+                last_seq: last_scanned,
+                readings: 0,
+                bytes: Vec::new(),
+            }));
         }
         if !full && caught_up {
             let since = *waiting_since.get_or_insert_with(Instant::now);
@@ -584,6 +661,7 @@ impl Uplink {
             }
         }
         Ok(Some(Prepared {
+            lost_from,
             first_seq: from,
             last_seq,
             readings: readings.len() as u64,
@@ -595,7 +673,8 @@ impl Uplink {
         &self,
         client: &reqwest::Client,
         prepared: Prepared,
-        declare_loss: bool,
+        declare_loss: Option<u64>,
+        stream_start: u64,
     ) -> impl std::future::Future<Output = (Prepared, Result<IngestAck, SendError>)> + Send + 'static
     {
         let url = format!("{}/v1/ingest", self.endpoint());
@@ -606,11 +685,19 @@ impl Uplink {
         let mut request = client
             .post(url)
             .header("content-type", "application/octet-stream")
+            .header("fieldgate-stream", self.stream_name())
             .header("fieldgate-backlog", backlog.to_string())
             .header("fieldgate-version", env!("CARGO_PKG_VERSION"))
+            .header("fieldgate-stream-start", stream_start.to_string())
             .body(prepared.bytes.clone());
-        if declare_loss {
-            request = request.header("fieldgate-declared-loss", "true");
+        if let Some(lost_from) = declare_loss {
+            request = request.header("fieldgate-declared-loss", lost_from.to_string());
+        }
+        if prepared.bytes.is_empty() {
+            request = request.header(
+                "fieldgate-skip",
+                format!("{}-{}", prepared.first_seq, prepared.last_seq),
+            );
         }
         async move {
             let result = match request.send().await {
