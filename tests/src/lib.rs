@@ -509,7 +509,8 @@ pub async fn fault_proxy(
                 if faults.drop_every > 0 && n.is_multiple_of(faults.drop_every) {
                     return;
                 }
-                let half_open = faults.half_open_every > 0 && n.is_multiple_of(faults.half_open_every);
+                let half_open =
+                    faults.half_open_every > 0 && n.is_multiple_of(faults.half_open_every);
                 let reset = faults.reset_every > 0 && n.is_multiple_of(faults.reset_every);
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
