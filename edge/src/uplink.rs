@@ -72,10 +72,30 @@ impl UplinkStats {
 pub struct Identity {
     pub gateway_id: String,
     pub tenant_id: String,
+    /// When the certificate was received and when it expires (ms since the epoch): it is
+    /// renewed once two thirds of that time have passed.
+    #[serde(default)]
+    pub issued_at_ms: i64,
+    #[serde(default)]
+    pub not_after_ms: i64,
     #[serde(skip)]
     pub key_pem: String,
     #[serde(skip)]
     pub cert_pem: String,
+}
+
+impl Identity {
+    pub fn renewal_due(&self, now_ms: i64) -> bool {
+        self.not_after_ms > self.issued_at_ms
+            && now_ms >= self.issued_at_ms + (self.not_after_ms - self.issued_at_ms) * 2 / 3
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn identity_dir(data_dir: &Path, target: &str) -> PathBuf {
@@ -85,6 +105,11 @@ fn identity_dir(data_dir: &Path, target: &str) -> PathBuf {
 /// The identity kept on disk, if the gateway has enrolled.
 pub fn load_identity(data_dir: &Path, target: &str) -> Result<Option<Identity>> {
     let dir = identity_dir(data_dir, target);
+    let previous = dir.with_extension("old");
+    if !dir.exists() && previous.exists() {
+        // A renewal was interrupted between its two renames: the previous identity is whole.
+        std::fs::rename(&previous, &dir)?;
+    }
     let meta = dir.join("identity.json");
     if !meta.exists() {
         return Ok(None);
@@ -113,9 +138,25 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Write an identity as a whole: into a new directory, then swapped in by rename, so a crash
+/// never leaves a key beside another key's certificate.
 fn save_identity(data_dir: &Path, target: &str, identity: &Identity) -> Result<()> {
     let dir = identity_dir(data_dir, target);
-    std::fs::create_dir_all(&dir)?;
+    let fresh = dir.with_extension("new");
+    let previous = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&fresh);
+    write_identity_files(&fresh, identity)?;
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&previous);
+        std::fs::rename(&dir, &previous)?;
+    }
+    std::fs::rename(&fresh, &dir)?;
+    let _ = std::fs::remove_dir_all(&previous);
+    Ok(())
+}
+
+fn write_identity_files(dir: &Path, identity: &Identity) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -225,6 +266,24 @@ impl Uplink {
                     continue;
                 }
             };
+            if identity.renewal_due(now_ms()) {
+                match self.renew(&client, &identity).await {
+                    Ok(_) => {
+                        tracing::info!(target = %self.target.name, "certificate renewed");
+                        backoff = BACKOFF_INITIAL;
+                        continue;
+                    }
+                    Err(err) => {
+                        // The current certificate keeps working; renewal is tried again later.
+                        self.stats
+                            .error(format!("renewing the certificate: {err:#}"));
+                        if sleep_or_stop(&mut stop, jitter(backoff)).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
             if self.send_loop(&client, &identity, &mut stop).await {
                 return;
             }
@@ -309,6 +368,8 @@ impl Uplink {
                             .context("no gateway_id")?
                             .into(),
                         tenant_id: issued["tenant_id"].as_str().context("no tenant_id")?.into(),
+                        issued_at_ms: now_ms(),
+                        not_after_ms: issued["not_after"].as_i64().unwrap_or(0),
                         key_pem,
                         cert_pem: issued["certificate_pem"]
                             .as_str()
@@ -328,6 +389,33 @@ impl Uplink {
             }
         }
         anyhow::bail!("no endpoint answered: {}", last_error.unwrap_or_default())
+    }
+
+    /// A new key and certificate over the current certificate's mutual TLS; the cloud revokes
+    /// the old certificate once the new one is first used.
+    async fn renew(&self, client: &reqwest::Client, identity: &Identity) -> Result<Identity> {
+        let (key_pem, csr_pem) = new_key_and_csr(&identity.gateway_id)?;
+        let response = client
+            .post(format!("{}/v1/gateway/certificate", self.endpoint()))
+            .json(&serde_json::json!({ "csr_pem": csr_pem }))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        anyhow::ensure!(status == reqwest::StatusCode::CREATED, "{status}: {body}");
+        let renewed = Identity {
+            gateway_id: identity.gateway_id.clone(),
+            tenant_id: identity.tenant_id.clone(),
+            issued_at_ms: now_ms(),
+            not_after_ms: body["not_after"].as_i64().unwrap_or(0),
+            key_pem,
+            cert_pem: body["certificate_pem"]
+                .as_str()
+                .context("no certificate")?
+                .to_string(),
+        };
+        save_identity(&self.data_dir, &self.target.name, &renewed)?;
+        Ok(renewed)
     }
 
     fn endpoint(&self) -> &str {
@@ -432,6 +520,10 @@ impl Uplink {
                     in_flight.push(Box::pin(request));
                 }
                 if in_flight.is_empty() {
+                    if identity.renewal_due(now_ms()) {
+                        // Back to `run`, which renews and comes back with the new certificate.
+                        return false;
+                    }
                     if sleep_or_stop(stop, IDLE_POLL).await {
                         return true;
                     }

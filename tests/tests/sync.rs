@@ -301,3 +301,51 @@ async fn a_slow_target_never_holds_back_another() {
         "{series}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_due_for_renewal_is_rotated_without_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = cloud(&dir.path().join("cloud")).await;
+    let t = tenant(&node, "acme").await.unwrap();
+    let mut edge = EdgeNode::start(
+        &dir.path().join("edge"),
+        DEVICES,
+        &[target("cloud", vec![node.https_base()], &node, &t)],
+    )
+    .await
+    .unwrap();
+    publish(&edge, 100, 0).await;
+    let api = Api {
+        base: node.http_base(),
+        key: t.api_key.clone(),
+    };
+    assert_exactly_once(&api, &edge, "cloud", DEVICES as u64 * 100 * 4).await;
+    // Two thirds of the certificate's life have passed (as far as the gateway knows).
+    edge.stop().await;
+    let meta = dir.path().join("edge/identity/cloud/identity.json");
+    let mut identity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let old_cert = std::fs::read(dir.path().join("edge/identity/cloud/cert.pem")).unwrap();
+    identity["issued_at_ms"] = serde_json::json!(0);
+    std::fs::write(&meta, serde_json::to_vec(&identity).unwrap()).unwrap();
+    edge.restart().await.unwrap();
+    publish(&edge, 100, 100).await;
+    assert_exactly_once(&api, &edge, "cloud", DEVICES as u64 * 200 * 4).await;
+    let new_cert = std::fs::read(dir.path().join("edge/identity/cloud/cert.pem")).unwrap();
+    assert_ne!(old_cert, new_cert, "the certificate was renewed");
+    let audit = api.get("/v1/audit").await.unwrap();
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"gateway.certificate.renew"),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&"gateway.certificate.rotated"),
+        "{actions:?}"
+    );
+}
