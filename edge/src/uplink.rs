@@ -159,7 +159,7 @@ fn write_identity_files(dir: &Path, identity: &Identity) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     write_private(&dir.join("key.pem"), identity.key_pem.as_bytes())?;
     write_private(&dir.join("cert.pem"), identity.cert_pem.as_bytes())?;
