@@ -154,6 +154,8 @@ const HEADER_STREAM_START: &str = "fieldgate-stream-start";
 /// stream (its routing rules sent them elsewhere); moves the high-water mark past them.
 const HEADER_SKIP: &str = "fieldgate-skip";
 const HEADER_STREAM: &str = "fieldgate-stream";
+/// `aggregate`: the readings summarise the range (never trimmed); absent: raw readings.
+const HEADER_FORM: &str = "fieldgate-form";
 
 /// Ingest one encoded batch (`application/octet-stream`, the shared codec's format). Needs the
 /// gateway's client certificate. Optional headers: `Fieldgate-Backlog` (readings waiting in
@@ -249,7 +251,17 @@ async fn ingest_inner(
             ApiError::bad_request("Fieldgate-Stream-Start is the stream's first sequence number")
         })?),
     };
-    ingest_batch(state, gateway, &bytes, declared_loss, stream_start).await
+    let aggregate =
+        header_str(headers, HEADER_FORM).is_some_and(|v| v.eq_ignore_ascii_case("aggregate"));
+    ingest_batch(
+        state,
+        gateway,
+        &bytes,
+        declared_loss,
+        stream_start,
+        aggregate,
+    )
+    .await
 }
 
 /// Check, admit, decode and store one encoded batch from `gateway`: the whole of ingest after
@@ -260,6 +272,7 @@ pub async fn ingest_batch(
     bytes: &[u8],
     declared_loss: Option<u64>,
     stream_start: Option<u64>,
+    aggregate: bool,
 ) -> ApiResult<IngestAck> {
     let limits = &state.config.limits;
     let header = Decoder::header(bytes).map_err(bad_batch)?;
@@ -287,7 +300,16 @@ pub async fn ingest_batch(
     let decoded = decoder.decode_into(bytes, &mut batch);
     lock(&state.ingest.decoders).push(decoder);
     decoded.map_err(bad_batch)?;
-    store_batch(state, gateway, &batch, bytes, declared_loss, stream_start).await
+    store_batch(
+        state,
+        gateway,
+        &batch,
+        bytes,
+        declared_loss,
+        stream_start,
+        aggregate,
+    )
+    .await
 }
 
 fn bad_batch(err: DecodeError) -> ApiError {
@@ -390,11 +412,12 @@ async fn store_batch(
     bytes: &[u8],
     declared_loss: Option<u64>,
     stream_start: Option<u64>,
+    aggregate: bool,
 ) -> ApiResult<IngestAck> {
     let header = batch.header();
     let stream = header.stream.as_str();
     let span = header.seq_span();
-    let raw = span == u64::from(header.count);
+    let raw = !aggregate && span == u64::from(header.count);
     let db = &state.db;
     let now = now_ms();
 

@@ -131,6 +131,19 @@ pub struct TargetConfig {
     /// A request without an answer this long is abandoned (a half-open connection) and resent.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// What the target receives: raw readings (absent), or windowed aggregates.
+    #[serde(default)]
+    pub aggregate: Option<AggregateForm>,
+}
+
+/// Windowed aggregates instead of raw readings: per device, numeric metric and window, the
+/// readings `<metric>.min`, `.max`, `.sum`, `.count` and `.mean`, stamped with the window's
+/// start. A window whose readings fall in two batches is sent as two partial aggregates with the
+/// same stamp (min, max, sum and count merge exactly; mean is the batch's own).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateForm {
+    pub window_s: u64,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -212,6 +225,7 @@ fn default_targets() -> Vec<TargetConfig> {
         batch_max_age_ms: default_batch_age_ms(),
         in_flight: default_in_flight(),
         request_timeout_ms: default_request_timeout_ms(),
+        aggregate: None,
     }]
 }
 
@@ -325,6 +339,12 @@ impl EdgeConfig {
                 return Err(invalid(
                     format!("targets[{i}]"),
                     "batch_max_readings and in_flight must be at least 1".into(),
+                ));
+            }
+            if target.aggregate.as_ref().is_some_and(|a| a.window_s == 0) {
+                return Err(invalid(
+                    format!("targets[{i}].aggregate.window_s"),
+                    "a window is at least 1 second".into(),
                 ));
             }
             if let Some(stream) = &target.stream {

@@ -734,6 +734,21 @@ impl Uplink {
             first_seq: from,
             last_seq,
         };
+        if let Some(form) = &self.target.aggregate {
+            let aggregates = aggregate(&readings, form.window_s.saturating_mul(1000) as i64);
+            let bytes = if aggregates.is_empty() {
+                Vec::new() // nothing numeric: a skip
+            } else {
+                encoder.encode(&meta, &aggregates)?
+            };
+            return Ok(Some(Prepared {
+                lost_from,
+                first_seq: from,
+                last_seq,
+                readings: aggregates.len() as u64,
+                bytes,
+            }));
+        }
         let mut bytes = encoder.encode(&meta, &readings)?;
         // Too many bytes: halve the batch (the readings are all still in the journal).
         while bytes.len() > self.target.batch_max_bytes && readings.len() > 1 {
@@ -778,6 +793,14 @@ impl Uplink {
             .post(url)
             .header("content-type", "application/octet-stream")
             .header("fieldgate-stream", self.stream_name())
+            .header(
+                "fieldgate-form",
+                if self.target.aggregate.is_some() {
+                    "aggregate"
+                } else {
+                    "raw"
+                },
+            )
             .header("fieldgate-backlog", backlog.to_string())
             .header("fieldgate-version", env!("CARGO_PKG_VERSION"))
             .header("fieldgate-stream-start", stream_start.to_string())
@@ -830,6 +853,63 @@ async fn classify(response: reqwest::Response) -> Result<IngestAck, SendError> {
         400..=499 => Err(SendError::Refused(format!("{status}: {body}"))),
         _ => Err(SendError::Transient(format!("{status}: {body}"))),
     }
+}
+
+/// Windowed aggregates of the numeric readings: per (device, metric, window) the readings
+/// `<metric>.min/.max/.sum/.count/.mean` stamped with the window start, in a stable order.
+/// Metrics whose suffixed names would be too long are left out.
+pub fn aggregate(readings: &[Reading], window_ms: i64) -> Vec<Reading> {
+    use fieldgate_shared::model::{MetricName, Quality, Value};
+    use std::collections::BTreeMap;
+    let window_ms = window_ms.max(1);
+    let mut windows: BTreeMap<(String, String, i64), (f64, f64, f64, i64)> = BTreeMap::new();
+    let mut devices = std::collections::HashMap::new();
+    for reading in readings {
+        let x = match reading.value {
+            Value::F64(x) if x.is_finite() => x,
+            Value::I64(x) => x as f64,
+            _ => continue,
+        };
+        let start = reading.ts_ms.div_euclid(window_ms) * window_ms;
+        devices
+            .entry(reading.device.as_str().to_string())
+            .or_insert_with(|| reading.device.clone());
+        let entry = windows
+            .entry((
+                reading.device.as_str().to_string(),
+                reading.metric.as_str().to_string(),
+                start,
+            ))
+            .or_insert((f64::INFINITY, f64::NEG_INFINITY, 0.0, 0));
+        entry.0 = entry.0.min(x);
+        entry.1 = entry.1.max(x);
+        entry.2 += x;
+        entry.3 += 1;
+    }
+    let mut out = Vec::with_capacity(windows.len() * 5);
+    for ((device, metric, start), (min, max, sum, count)) in windows {
+        let device = devices[&device].clone();
+        let values = [
+            ("min", Value::F64(min)),
+            ("max", Value::F64(max)),
+            ("sum", Value::F64(sum)),
+            ("count", Value::I64(count)),
+            ("mean", Value::F64(sum / count as f64)),
+        ];
+        for (suffix, value) in values {
+            let Ok(metric) = MetricName::new(&format!("{metric}.{suffix}")) else {
+                continue;
+            };
+            out.push(Reading {
+                device: device.clone(),
+                metric,
+                ts_ms: start,
+                value,
+                quality: Quality::Good,
+            });
+        }
+    }
+    out
 }
 
 /// Whether a reading goes to a target with these rules (none: everything).
@@ -948,6 +1028,40 @@ mod futures_ordered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aggregates_are_exact_per_window() {
+        use fieldgate_shared::model::{DeviceId, MetricName, Quality, Value};
+        let r = |device: &str, metric: &str, ts: i64, value: Value| Reading {
+            device: DeviceId::new(device).unwrap(),
+            metric: MetricName::new(metric).unwrap(),
+            ts_ms: ts,
+            value,
+            quality: Quality::Good,
+        };
+        let readings = vec![
+            r("d1", "t", 1_000, Value::F64(1.0)),
+            r("d1", "t", 59_000, Value::F64(3.0)),
+            r("d1", "t", 60_000, Value::F64(10.0)),
+            r("d1", "n", 5_000, Value::I64(7)),
+            r("d1", "flag", 5_000, Value::Bool(true)),
+        ];
+        let out = aggregate(&readings, 60_000);
+        let get = |metric: &str, ts: i64| {
+            out.iter()
+                .find(|x| x.metric.as_str() == metric && x.ts_ms == ts)
+                .map(|x| x.value.clone())
+        };
+        assert_eq!(get("t.min", 0), Some(Value::F64(1.0)));
+        assert_eq!(get("t.max", 0), Some(Value::F64(3.0)));
+        assert_eq!(get("t.sum", 0), Some(Value::F64(4.0)));
+        assert_eq!(get("t.count", 0), Some(Value::I64(2)));
+        assert_eq!(get("t.mean", 0), Some(Value::F64(2.0)));
+        assert_eq!(get("t.count", 60_000), Some(Value::I64(1)));
+        assert_eq!(get("n.sum", 0), Some(Value::F64(7.0)));
+        assert!(out.iter().all(|x| !x.metric.as_str().starts_with("flag")));
+        assert_eq!(out.len(), 3 * 5);
+    }
 
     #[test]
     fn globs_match_like_shells() {

@@ -271,6 +271,8 @@ pub struct TargetSpec {
     pub site_id: String,
     /// `(devices glob, metrics glob)`; empty: everything.
     pub include: Vec<(String, String)>,
+    /// Windowed aggregates of this many seconds instead of raw readings.
+    pub aggregate_window_s: Option<u64>,
 }
 
 /// An edge agent process with an MQTT listener and device credentials.
@@ -310,6 +312,9 @@ impl EdgeNode {
                 target.endpoints,
                 target.ca.display().to_string()
             ));
+            if let Some(window) = target.aggregate_window_s {
+                toml.push_str(&format!("[targets.aggregate]\nwindow_s = {window}\n"));
+            }
             for (devices, metrics) in &target.include {
                 toml.push_str(&format!(
                     "[[targets.include]]\ndevices = {devices:?}\nmetrics = {metrics:?}\n"

@@ -29,6 +29,7 @@ fn target(
         token: t.token.clone(),
         site_id: t.site_id.clone(),
         include: Vec::new(),
+        aggregate_window_s: None,
     }
 }
 
@@ -347,5 +348,71 @@ async fn a_certificate_due_for_renewal_is_rotated_without_a_gap() {
     assert!(
         actions.contains(&"gateway.certificate.rotated"),
         "{actions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_to_private_and_exact_aggregates_to_public() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = cloud(&dir.path().join("private")).await;
+    let public = cloud(&dir.path().join("public")).await;
+    let tp = tenant(&private, "acme").await.unwrap();
+    let tq = tenant(&public, "acme").await.unwrap();
+    let mut public_target = target("public", vec![public.https_base()], &public, &tq);
+    public_target.aggregate_window_s = Some(60);
+    let edge = EdgeNode::start(
+        &dir.path().join("edge"),
+        DEVICES,
+        &[
+            target("private", vec![private.https_base()], &private, &tp),
+            public_target,
+        ],
+    )
+    .await
+    .unwrap();
+    let acked = publish(&edge, 1000, 0).await;
+    assert!(acked.iter().all(|&n| n == 1000), "{acked:?}");
+    let total = DEVICES as u64 * 1000 * 4;
+    let private_api = Api {
+        base: private.http_base(),
+        key: tp.api_key.clone(),
+    };
+    assert_exactly_once(&private_api, &edge, "private", total).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the aggregates to sync",
+        || async { edge.backlog("public").await.is_ok_and(|b| b == 0) },
+    )
+    .await
+    .unwrap();
+    // Partial aggregates merge exactly: the counts of every window add up to every reading.
+    let public_api = Api {
+        base: public.http_base(),
+        key: tq.api_key.clone(),
+    };
+    let series = public_api.get("/v1/series?limit=500").await.unwrap();
+    let mut counted = 0u64;
+    let mut metrics = std::collections::BTreeSet::new();
+    for s in series["series"].as_array().unwrap() {
+        let metric = s["metric"].as_str().unwrap().to_string();
+        if metric.ends_with(".count") {
+            let id = s["id"].as_str().unwrap();
+            let readings = public_api
+                .get(&format!("/v1/series/{id}/readings?limit=10000"))
+                .await
+                .unwrap();
+            counted += readings["readings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["value"].as_u64().unwrap())
+                .sum::<u64>();
+        }
+        metrics.insert(metric);
+    }
+    assert_eq!(counted, total, "aggregated counts");
+    assert!(
+        metrics.contains("temperature.mean") && metrics.contains("humidity.max"),
+        "{metrics:?}"
     );
 }

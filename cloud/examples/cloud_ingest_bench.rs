@@ -1,4 +1,4 @@
-//! Cloud ingest throughput: `cargo run --release -p fieldgate-cloud --example ingest_bench --
+//! Cloud ingest throughput: `cargo run --release -p fieldgate-cloud --example cloud_ingest_bench --
 //! [--backend sqlite|postgres] [--batch 1000] [--readings 1000000] [--mode store|https]`.
 //!
 //! `store` calls the ingest path after HTTP (check, admit, decode, stage the batch, commit)
@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
                 source_ip: "127.0.0.1".into(),
             };
             for bytes in &batches[0] {
-                ingest::ingest_batch(&state, &gateway, bytes, None, Some(0))
+                ingest::ingest_batch(&state, &gateway, bytes, None, Some(0), false)
                     .await
                     .map_err(|e| anyhow::anyhow!("{}", e.body.message))?;
             }
