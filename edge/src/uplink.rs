@@ -862,7 +862,9 @@ pub fn aggregate(readings: &[Reading], window_ms: i64) -> Vec<Reading> {
     use fieldgate_shared::model::{MetricName, Quality, Value};
     use std::collections::BTreeMap;
     let window_ms = window_ms.max(1);
-    let mut windows: BTreeMap<(String, String, i64), (f64, f64, f64, i64)> = BTreeMap::new();
+    /// (device, metric, window start) → (min, max, sum, count).
+    type Windows = BTreeMap<(String, String, i64), (f64, f64, f64, i64)>;
+    let mut windows = Windows::new();
     let mut devices = std::collections::HashMap::new();
     for reading in readings {
         let x = match reading.value {
