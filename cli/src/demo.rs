@@ -90,14 +90,15 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
-struct Api {
-    client: reqwest::Client,
-    base: String,
-    key: String,
+/// The cloud's loopback HTTP API with a tenant's key (also used by `fieldgate bench`).
+pub(crate) struct Api {
+    pub(crate) client: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) key: String,
 }
 
 impl Api {
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -174,7 +175,7 @@ impl Api {
         Ok((total, distinct, numeric, counted))
     }
 
-    async fn stored_count(&self) -> Result<u64> {
+    pub(crate) async fn stored_count(&self) -> Result<u64> {
         let mut total = 0;
         let mut after: Option<String> = None;
         loop {

@@ -4,7 +4,11 @@
 //! - `codec estimate`: the bandwidth a fleet's data needs ([`codec_estimate`]), reading CSV or
 //!   JSON lines ([`readings_file`]) or synthetic sensor data.
 //! - `sim serial|modbus`: simulated field devices on pseudo-terminals ([`sim`]).
+//! - `bench forward|outage`: BENCH.md's end-to-end workloads against a `fieldgate-edge`
+//!   process and an in-process cloud (`bench`, with the `demo` feature).
 
+#[cfg(feature = "demo")]
+mod bench;
 mod codec_estimate;
 #[cfg(feature = "demo")]
 mod demo;
@@ -40,6 +44,11 @@ enum Command {
     /// and MQTT devices, live progress and an exactness check at the end.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// BENCH.md's forward and outage workloads end to end: MQTT devices, a `fieldgate-edge`
+    /// process and a cloud on loopback (build the agent first:
+    /// `cargo build --release -p fieldgate-edge`).
+    #[cfg(feature = "demo")]
+    Bench(bench::BenchArgs),
     /// Simulated field devices on pseudo-terminals, for trying a gateway without hardware.
     Sim {
         #[command(subcommand)]
@@ -98,6 +107,11 @@ fn main() -> Result<()> {
                 .init();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(demo::run(args))?;
+        }
+        #[cfg(feature = "demo")]
+        Command::Bench(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(bench::run(args))?;
         }
         Command::Sim { command } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
