@@ -595,12 +595,12 @@ impl Journal {
         Ok(())
     }
 
-    /// Readings `target` has not acknowledged.
     /// The next sequence number `target` has not acknowledged.
     pub fn cursor(&self, target: &str) -> Option<u64> {
         self.cursors.get(target).copied()
     }
 
+    /// Readings `target` has not acknowledged.
     pub fn backlog(&self, target: &str) -> Option<u64> {
         self.cursors
             .get(target)
