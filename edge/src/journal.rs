@@ -254,7 +254,17 @@ impl Journal {
     pub fn open(config: JournalConfig) -> Result<(Journal, OpenReport), JournalError> {
         finish_interrupted_compaction(&config.path)?;
         let mut report = OpenReport::default();
-        let journal = match Self::open_existing(&config) {
+        // An I/O error at open is usually the previous owner still letting go of the store (its
+        // file lock): wait for it rather than take the store for corrupt.
+        let mut opened = Self::open_existing(&config);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while matches!(&opened, Err(JournalError::Storage { source: sled::Error::Io(_), .. }))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            opened = Self::open_existing(&config);
+        }
+        let journal = match opened {
             Ok(journal) => journal,
             Err(err @ (JournalError::Storage { .. } | JournalError::Corrupt { .. })) => {
                 let aside = aside_path(&config.path);
