@@ -258,8 +258,13 @@ impl Journal {
         // file lock): wait for it rather than take the store for corrupt.
         let mut opened = Self::open_existing(&config);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while matches!(&opened, Err(JournalError::Storage { source: sled::Error::Io(_), .. }))
-            && std::time::Instant::now() < deadline
+        while matches!(
+            &opened,
+            Err(JournalError::Storage {
+                source: sled::Error::Io(_),
+                ..
+            })
+        ) && std::time::Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(50));
             opened = Self::open_existing(&config);
