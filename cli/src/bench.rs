@@ -12,7 +12,7 @@
 //!   readings; then the cloud comes up (same port, same data) and the time until that backlog
 //!   is in the cloud is measured, while the devices keep publishing.
 
-use crate::demo::Api;
+use crate::demo::{provision, Api, Provisioned};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -537,33 +537,16 @@ struct Tenant {
 
 impl Tenant {
     async fn bootstrap(cloud: &RunningCloud) -> Result<Self> {
-        let made =
-            fieldgate_cloud::accounts::bootstrap_tenant(&cloud.db, "bench", "owner@bench.example")
-                .await?;
-        let api = Api {
-            client: reqwest::Client::new(),
-            base: format!("http://{}", cloud.http_addr.context("loopback HTTP")?),
-            key: made.api_key,
-        };
-        let site = api
-            .call(
-                reqwest::Method::POST,
-                "/v1/sites",
-                Some(json!({"name": "bench plant"})),
-            )
-            .await?;
-        let site_id = site["id"].as_str().context("site id")?.to_string();
-        let token = api
-            .call(
-                reqwest::Method::POST,
-                "/v1/enrollment-tokens",
-                Some(json!({"site_id": site_id, "expires_in_hours": 1})),
-            )
-            .await?;
+        let Provisioned {
+            api,
+            site_id,
+            token,
+            ..
+        } = provision(cloud, "bench", "bench plant").await?;
         Ok(Self {
             api,
             site_id,
-            token: token["secret"].as_str().context("token")?.to_string(),
+            token,
             ca_path: cloud
                 .ca_path
                 .clone()

@@ -77,17 +77,55 @@ struct Credentials {
     public: Option<(String, String)>,
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents)?;
-    Ok(())
+use fieldgate_cloud::pki::write_private;
+
+/// A tenant bootstrapped in a running cloud (as `fieldgate-cloud admin create-tenant` does),
+/// with a site and a one-hour enrollment token for it (also used by `fieldgate bench`).
+pub(crate) struct Provisioned {
+    pub(crate) made: fieldgate_cloud::accounts::Bootstrapped,
+    pub(crate) api: Api,
+    pub(crate) site_id: String,
+    pub(crate) token: String,
+}
+
+pub(crate) async fn provision(
+    cloud: &fieldgate_cloud::RunningCloud,
+    tenant: &str,
+    site: &str,
+) -> Result<Provisioned> {
+    let made = fieldgate_cloud::accounts::bootstrap_tenant(
+        &cloud.db,
+        tenant,
+        &format!("owner@{tenant}.example"),
+    )
+    .await?;
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: format!("http://{}", cloud.http_addr.context("loopback HTTP")?),
+        key: made.api_key.clone(),
+    };
+    let site = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/sites",
+            Some(json!({"name": site})),
+        )
+        .await?;
+    let site_id = site["id"].as_str().context("site id")?.to_string();
+    let token = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/enrollment-tokens",
+            Some(json!({"site_id": site_id, "expires_in_hours": 1})),
+        )
+        .await?;
+    let token = token["secret"].as_str().context("token")?.to_string();
+    Ok(Provisioned {
+        made,
+        api,
+        site_id,
+        token,
+    })
 }
 
 /// The cloud's loopback HTTP API with a tenant's key (also used by `fieldgate bench`).
@@ -296,34 +334,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let credentials: Credentials = if args.resume && credentials_path.exists() {
         serde_json::from_slice(&std::fs::read(&credentials_path)?)?
     } else {
-        let made =
-            fieldgate_cloud::accounts::bootstrap_tenant(&cloud.db, "demo", "owner@demo.example")
-                .await?;
-        let api = Api {
-            client: reqwest::Client::new(),
-            base: http.clone(),
-            key: made.api_key.clone(),
-        };
-        let site = api
-            .call(
-                reqwest::Method::POST,
-                "/v1/sites",
-                Some(json!({"name": "demo plant"})),
-            )
-            .await?;
-        let site_id = site["id"].as_str().context("site id")?.to_string();
-        let token = api
-            .call(
-                reqwest::Method::POST,
-                "/v1/enrollment-tokens",
-                Some(json!({"site_id": site_id, "expires_in_hours": 1})),
-            )
-            .await?;
+        let Provisioned {
+            made,
+            site_id,
+            token,
+            ..
+        } = provision(&cloud, "demo", "demo plant").await?;
         std::fs::create_dir_all(dir.join("edge"))?;
-        write_private(
-            &dir.join("edge/enrollment-token"),
-            token["secret"].as_str().context("token")?.as_bytes(),
-        )?;
+        write_private(&dir.join("edge/enrollment-token"), token.as_bytes())?;
         let mqtt_passwords = (1..=args.mqtt_devices)
             .map(|i| (format!("mqtt-{i}"), fieldgate_cloud::ids::random_hex(16)))
             .collect();
@@ -355,37 +373,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .context("starting the public cloud")?;
         let public_http = format!("http://{}", public.http_addr.context("loopback HTTP")?);
         if credentials.public.is_none() {
-            let made = fieldgate_cloud::accounts::bootstrap_tenant(
-                &public.db,
-                "demo",
-                "owner@demo.example",
-            )
-            .await?;
-            let api = Api {
-                client: reqwest::Client::new(),
-                base: public_http.clone(),
-                key: made.api_key.clone(),
-            };
-            let site = api
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/sites",
-                    Some(json!({"name": "demo plant"})),
-                )
-                .await?;
-            let site_id = site["id"].as_str().context("site id")?.to_string();
-            let token = api
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/enrollment-tokens",
-                    Some(json!({"site_id": site_id, "expires_in_hours": 1})),
-                )
-                .await?;
+            let Provisioned {
+                made,
+                site_id,
+                token,
+                ..
+            } = provision(&public, "demo", "demo plant").await?;
             std::fs::create_dir_all(dir.join("edge"))?;
-            write_private(
-                &dir.join("edge/public-enrollment-token"),
-                token["secret"].as_str().context("token")?.as_bytes(),
-            )?;
+            write_private(&dir.join("edge/public-enrollment-token"), token.as_bytes())?;
             credentials.public = Some((made.api_key, site_id));
             write_private(&credentials_path, &serde_json::to_vec_pretty(&credentials)?)?;
         }
