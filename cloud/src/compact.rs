@@ -17,6 +17,7 @@ use fieldgate_shared::model::{Quality, ValueKind};
 
 use crate::db::{now_ms, Backend, Db};
 use crate::ids::new_id;
+use crate::lock;
 
 /// Readings per chunk at most (a single batch's share may exceed it: chunks decode up to the
 /// codec's 1,000,000).
@@ -123,12 +124,6 @@ impl Compactor {
         }
         Ok(staged.len())
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Decode staged batches and group their new readings per series, in sequence order.

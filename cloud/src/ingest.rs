@@ -35,7 +35,7 @@ use crate::db::{now_ms, Db};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::fleet::{touch_gateway, GatewayIdentity};
 use crate::ids::new_id;
-use crate::AppState;
+use crate::{lock, AppState};
 
 /// Shared ingest state: per-tenant rate buckets, decoders, when gateways were last seen.
 pub struct IngestState {
@@ -102,12 +102,6 @@ impl IngestState {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Readings-per-second limiter with a burst capacity.

@@ -60,3 +60,10 @@ impl AppState {
         }
     }
 }
+
+/// A mutex's guard; a panic elsewhere while holding it leaves the data usable (counters, caches).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
