@@ -221,7 +221,7 @@ struct Prepared {
     first_seq: u64,
     last_seq: u64,
     readings: u64,
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
 }
 
 impl Uplink {
@@ -718,7 +718,7 @@ impl Uplink {
                 first_seq: from,
                 last_seq: last_scanned,
                 readings: 0,
-                bytes: Vec::new(),
+                bytes: bytes::Bytes::new(),
             }));
         }
         if !full && caught_up {
@@ -746,7 +746,7 @@ impl Uplink {
                 first_seq: from,
                 last_seq,
                 readings: aggregates.len() as u64,
-                bytes,
+                bytes: bytes.into(),
             }));
         }
         let mut bytes = encoder.encode(&meta, &readings)?;
@@ -772,7 +772,7 @@ impl Uplink {
             first_seq: from,
             last_seq,
             readings: readings.len() as u64,
-            bytes,
+            bytes: bytes.into(),
         }))
     }
 
@@ -804,7 +804,7 @@ impl Uplink {
             .header("fieldgate-backlog", backlog.to_string())
             .header("fieldgate-version", env!("CARGO_PKG_VERSION"))
             .header("fieldgate-stream-start", stream_start.to_string())
-            .body(prepared.bytes.clone());
+            .body(prepared.bytes.clone()); // a reference count, not a copy
         if let Some(lost_from) = declare_loss {
             request = request.header("fieldgate-declared-loss", lost_from.to_string());
         }
