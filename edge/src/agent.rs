@@ -51,7 +51,7 @@ pub async fn run(
     let (input_tx, input) = mpsc::channel::<JournalInput>(1024);
     let writer_stats = Arc::new(WriterStats::default());
     let group_commit = GroupCommit {
-        interval: Duration::from_millis(config.journal.flush_interval_ms),
+        linger: Duration::from_millis(config.journal.flush_linger_ms),
         max_readings: config.journal.flush_max_readings,
     };
     let pipeline = Pipeline::new(&config.clean)

@@ -58,9 +58,11 @@ pub struct JournalSettings {
     pub quota_mb: f64,
     #[serde(default = "default_overflow")]
     pub overflow: OverflowPolicy,
-    /// Group commit: readings wait at most this long for a flush (and so for their ACK).
-    #[serde(default = "default_flush_interval_ms")]
-    pub flush_interval_ms: u64,
+    /// Group commit: how long an idle writer lets a first message wait for others before it
+    /// flushes (0: at once). Under load groups gather while the previous flush runs anyway.
+    /// (`flush_interval_ms` is its old name.)
+    #[serde(default, alias = "flush_interval_ms")]
+    pub flush_linger_ms: u64,
     /// Group commit: a flush happens as soon as this many readings wait.
     #[serde(default = "default_flush_max_readings")]
     pub flush_max_readings: usize,
@@ -73,7 +75,7 @@ impl Default for JournalSettings {
         Self {
             quota_mb: default_quota_mb(),
             overflow: default_overflow(),
-            flush_interval_ms: default_flush_interval_ms(),
+            flush_linger_ms: 0,
             flush_max_readings: default_flush_max_readings(),
             compaction_slack_mb: default_compaction_slack_mb(),
         }
@@ -200,9 +202,6 @@ fn default_quota_mb() -> f64 {
 fn default_overflow() -> OverflowPolicy {
     OverflowPolicy::DropOldest
 }
-fn default_flush_interval_ms() -> u64 {
-    20
-}
 fn default_flush_max_readings() -> usize {
     20_000
 }
@@ -295,10 +294,10 @@ impl EdgeConfig {
                 "must be at least 0.01 (MiB)".into(),
             ));
         }
-        if self.journal.flush_interval_ms == 0 || self.journal.flush_interval_ms > 10_000 {
+        if self.journal.flush_linger_ms > 10_000 {
             return Err(invalid(
-                "journal.flush_interval_ms".into(),
-                "must be 1 to 10000 (it bounds how long devices wait for their ACK)".into(),
+                "journal.flush_linger_ms".into(),
+                "must be 0 to 10000 (it adds to how long devices wait for their ACK)".into(),
             ));
         }
         if self.journal.flush_max_readings == 0 {
@@ -418,8 +417,8 @@ mod tests {
             "gateway name",
         );
         check(
-            &format!("{gateway}[journal]\nflush_interval_ms = 0\n"),
-            "journal.flush_interval_ms",
+            &format!("{gateway}[journal]\nflush_interval_ms = 20000\n"),
+            "journal.flush_linger_ms",
         );
         check(
             &format!("{gateway}[[serial]]\npath = \"/dev/x\"\ndata_bits = 9\n"),

@@ -120,7 +120,7 @@ fn write_config_with(
     extra: &str,
 ) -> std::path::PathBuf {
     let mut text = format!(
-        "[gateway]\nid = \"gw-test\"\ndata_dir = {:?}\n\n[journal]\nflush_interval_ms = 5\n\n[http]\nlisten = \"{http}\"\n",
+        "[gateway]\nid = \"gw-test\"\ndata_dir = {:?}\n\n[journal]\n\n[http]\nlisten = \"{http}\"\n",
         dir.join("data").display().to_string()
     );
     text += extra;
@@ -395,8 +395,8 @@ async fn collection_goes_on_when_no_target_ever_acknowledges() {
     let config = write_config_with(dir.path(), &fleet, &http, &extra);
     // A 20 kB journal that drops its oldest readings when full.
     let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[journal]\nflush_interval_ms = 5\n",
-        "[journal]\nflush_interval_ms = 5\nquota_mb = 0.02\noverflow = \"drop-oldest\"\n",
+        "[journal]\n",
+        "[journal]\nquota_mb = 0.02\noverflow = \"drop-oldest\"\n",
     );
     std::fs::write(&config, text).unwrap();
     let agent = Agent::start(&config, &http);

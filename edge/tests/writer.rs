@@ -42,7 +42,7 @@ async fn run(policy: OverflowPolicy) -> Run {
         pipeline,
         input,
         GroupCommit {
-            interval: Duration::from_millis(2),
+            linger: Duration::from_millis(2),
             max_readings: 500,
         },
         stats.clone(),
@@ -156,5 +156,108 @@ async fn drop_oldest_accepts_everything_and_counts_what_it_dropped() {
         stats.readings_dropped_for_quota + journal.readings_held(),
         20_000,
         "every reading is either held or counted as dropped"
+    );
+}
+
+/// A journal whose flush takes a while, like fsync on a slow card.
+struct SlowFlush(fieldgate_edge::journal::MemoryJournal);
+
+impl fieldgate_edge::journal::JournalStore for SlowFlush {
+    fn append(
+        &mut self,
+        readings: &[Reading],
+    ) -> Result<std::ops::Range<u64>, fieldgate_edge::journal::JournalError> {
+        self.0.append(readings)
+    }
+    fn flush(&mut self) -> Result<(), fieldgate_edge::journal::JournalError> {
+        std::thread::sleep(Duration::from_millis(30));
+        self.0.flush()
+    }
+    fn read(
+        &mut self,
+        target: &str,
+        max: usize,
+    ) -> Result<Vec<(u64, Reading)>, fieldgate_edge::journal::JournalError> {
+        self.0.read(target, max)
+    }
+    fn ack(
+        &mut self,
+        target: &str,
+        through_seq: u64,
+    ) -> Result<(), fieldgate_edge::journal::JournalError> {
+        self.0.ack(target, through_seq)
+    }
+    fn backlog(&self, target: &str) -> Option<u64> {
+        self.0.backlog(target)
+    }
+    fn next_seq(&self) -> u64 {
+        self.0.next_seq()
+    }
+}
+
+/// Without a timer, what arrives while a flush runs is the next group: 200 messages sent at
+/// once take a handful of flushes, not 200, and every one of them is durable in order of
+/// arrival within its sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arriving_during_a_flush_share_the_next_one() {
+    let journal = Arc::new(Mutex::new(SlowFlush(
+        fieldgate_edge::journal::MemoryJournal::new(&["cloud".to_string()]),
+    )));
+    let clean: CleanConfig = toml::from_str("[skew.defaults]\nenabled = false\n").unwrap();
+    let pipeline = Arc::new(Mutex::new(Pipeline::new(&clean).unwrap()));
+    let stats = Arc::new(WriterStats::default());
+    let (input_tx, input) = mpsc::channel(1024);
+    let writer = tokio::spawn(run_writer(
+        journal.clone(),
+        pipeline,
+        input,
+        GroupCommit {
+            linger: Duration::ZERO,
+            max_readings: 100_000,
+        },
+        stats.clone(),
+    ));
+    let readings: Vec<Reading> = SensorFleet::new(FleetConfig {
+        devices: 4,
+        ..FleetConfig::default()
+    })
+    .take(800)
+    .collect();
+    let mut outcomes = Vec::new();
+    for message in readings.chunks(4) {
+        let (commit, outcome) = oneshot::channel();
+        input_tx
+            .send(JournalInput {
+                readings: message.to_vec(),
+                commit: Some(commit),
+            })
+            .await
+            .unwrap();
+        outcomes.push(outcome);
+    }
+    for outcome in outcomes {
+        assert_eq!(outcome.await.unwrap(), CommitOutcome::Durable);
+    }
+    drop(input_tx);
+    writer.await.unwrap();
+    let groups = stats.groups.load(Relaxed);
+    assert!(
+        (1..=5).contains(&groups),
+        "200 messages queued at once took {groups} flushes"
+    );
+    assert_eq!(stats.readings_durable.load(Relaxed), 800);
+    let mut journal = journal.lock().unwrap();
+    let stored: Vec<Reading> =
+        fieldgate_edge::journal::JournalStore::read(&mut journal.0, "cloud", usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+    // The cleaning pipeline may lower a reading's quality, nothing more.
+    let key = |r: &Reading| (r.device.clone(), r.metric.clone(), r.ts_ms);
+    assert_eq!(
+        stored.iter().map(key).collect::<Vec<_>>(),
+        readings.iter().map(key).collect::<Vec<_>>(),
+        "journaled in the order they arrived"
     );
 }
