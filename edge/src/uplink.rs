@@ -40,6 +40,9 @@ const RETURN_TO_PRIMARY_AFTER: Duration = Duration::from_secs(60);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const IDLE_POLL: Duration = Duration::from_millis(10);
+/// While backing off from an endpoint that did not accept connections, it is looked for this
+/// often (a bare TCP connect), so sending resumes within this long of its return.
+const PROBE_PERIOD: Duration = Duration::from_millis(250);
 
 /// What an uplink has done, for `/status` and `/metrics`.
 #[derive(Debug, Default)]
@@ -475,7 +478,7 @@ impl Uplink {
                 ));
                 return sleep_or_stop(stop, BACKOFF_MAX).await;
             };
-            let mut in_flight = futures_ordered::Queue::default();
+            let mut in_flight = InFlight::default();
             let mut waiting_since: Option<Instant> = None;
             loop {
                 if *stop.borrow() {
@@ -558,14 +561,18 @@ impl Uplink {
                     }
                     Err(SendError::RetryAfter(wait)) => {
                         self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                        drop(in_flight);
-                        if sleep_or_stop(stop, wait).await {
+                        let started = Instant::now();
+                        if settle(stop, in_flight, wait).await.is_none()
+                            || sleep_or_stop(stop, wait.saturating_sub(started.elapsed())).await
+                        {
                             return true;
                         }
                         continue 'resend;
                     }
                     Err(SendError::Resume(resume_from)) => {
-                        drop(in_flight);
+                        if settle(stop, in_flight, SETTLE_AT_MOST).await.is_none() {
+                            return true;
+                        }
                         let cursor = self.cursor().unwrap_or(prepared.first_seq);
                         if resume_from > cursor {
                             // The cloud has everything before `resume_from` already.
@@ -591,7 +598,9 @@ impl Uplink {
                         continue 'resend;
                     }
                     Err(SendError::TooLarge) => {
-                        drop(in_flight);
+                        if settle(stop, in_flight, SETTLE_AT_MOST).await.is_none() {
+                            return true;
+                        }
                         max_readings = (max_readings / 2).max(1);
                         self.stats.error(format!(
                             "batch too large; now at most {max_readings} readings"
@@ -599,23 +608,40 @@ impl Uplink {
                         continue 'resend;
                     }
                     Err(SendError::Transient(message)) => {
-                        drop(in_flight);
                         self.stats.error(format!("{}: {message}", self.endpoint()));
+                        let failed = self.endpoint().to_owned();
+                        let wait = jitter(backoff);
+                        let started = Instant::now();
+                        let Some(others_got_through) =
+                            settle(stop, in_flight, wait.max(SETTLE_AT_MOST)).await
+                        else {
+                            return true;
+                        };
+                        if others_got_through {
+                            // The cloud is there and other connections work: this one failed on
+                            // its own. Resend at once, as after a success.
+                            backoff = BACKOFF_INITIAL;
+                            continue 'resend;
+                        }
                         if self.target.endpoints.len() > 1 {
                             self.stats.endpoint.fetch_add(1, Ordering::Relaxed);
                             self.stats.failovers.fetch_add(1, Ordering::Relaxed);
                             failed_over_at = Some(Instant::now());
                         }
-                        if sleep_or_stop(stop, jitter(backoff)).await {
+                        let rest = wait.saturating_sub(started.elapsed());
+                        if backoff_or_return(stop, rest, &failed).await {
                             return true;
                         }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                         continue 'resend;
                     }
                     Err(SendError::Refused(message)) => {
-                        drop(in_flight);
                         self.stats.error(format!("{}: {message}", self.endpoint()));
-                        if sleep_or_stop(stop, jitter(backoff.max(Duration::from_secs(5)))).await {
+                        let wait = jitter(backoff.max(Duration::from_secs(5)));
+                        let started = Instant::now();
+                        if settle(stop, in_flight, wait).await.is_none()
+                            || sleep_or_stop(stop, wait.saturating_sub(started.elapsed())).await
+                        {
                             return true;
                         }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -957,6 +983,77 @@ fn jitter(backoff: Duration) -> Duration {
     backoff.mul_f64(fraction).max(Duration::from_millis(10))
 }
 
+/// Requests in flight behind a failed one are let finish for up to this long rather than cut
+/// off: a cut request takes its connection down with it, and on a flaky network the sound
+/// connections are the ones worth keeping.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(1);
+
+type InFlight = futures_ordered::Queue<(Prepared, Result<IngestAck, SendError>)>;
+
+/// Lets the requests still in `in_flight` finish for up to `wait` (their results are not used:
+/// everything from the cursor on is sent again) and says whether any of them reached the cloud;
+/// None if `stop` turned true meanwhile.
+async fn settle(
+    stop: &mut watch::Receiver<bool>,
+    in_flight: InFlight,
+    wait: Duration,
+) -> Option<bool> {
+    if in_flight.is_empty() {
+        return Some(false);
+    }
+    let finished = tokio::select! {
+        finished = in_flight.settle(wait) => finished,
+        _ = stop.wait_for(|s| *s) => return None,
+    };
+    Some(
+        finished
+            .iter()
+            .any(|(_, result)| !matches!(result, Err(SendError::Transient(_)))),
+    )
+}
+
+/// Backs off for `wait` after a failed send to `endpoint`, but ends early when the endpoint,
+/// unreachable at first, starts accepting connections again (checked every [`PROBE_PERIOD`]):
+/// after an outage sending resumes at once instead of after a backoff grown long. An endpoint
+/// that was reachable all along (the failure was something else) is waited out in full.
+/// True if `stop` turned true meanwhile.
+async fn backoff_or_return(
+    stop: &mut watch::Receiver<bool>,
+    wait: Duration,
+    endpoint: &str,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let address = reqwest::Url::parse(endpoint)
+        .ok()
+        .and_then(|url| Some((url.host_str()?.to_owned(), url.port_or_known_default()?)));
+    let reachable = || async {
+        let Some(address) = &address else {
+            return false;
+        };
+        let connect = tokio::net::TcpStream::connect((address.0.as_str(), address.1));
+        matches!(tokio::time::timeout(PROBE_PERIOD, connect).await, Ok(Ok(_)))
+    };
+    if wait <= PROBE_PERIOD || reachable().await {
+        return sleep_or_stop(
+            stop,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .await;
+    }
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return *stop.borrow();
+        }
+        if sleep_or_stop(stop, PROBE_PERIOD.min(deadline - now)).await {
+            return true;
+        }
+        if reachable().await {
+            return *stop.borrow();
+        }
+    }
+}
+
 /// Sleeps; true if `stop` turned true meanwhile.
 async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
     let stopped = tokio::select! {
@@ -998,6 +1095,35 @@ mod futures_ordered {
 
         pub fn is_empty(&self) -> bool {
             self.futures.is_empty()
+        }
+
+        /// Runs every future to completion for at most `wait`, then drops the unfinished ones;
+        /// the outputs of those that finished, in no particular order.
+        pub async fn settle(mut self, wait: std::time::Duration) -> Vec<T> {
+            let mut finished: Vec<T> = Vec::new();
+            let mut pending: Vec<Boxed<T>> = Vec::new();
+            for (future, output) in self.futures.drain(..) {
+                match output {
+                    Some(value) => finished.push(value),
+                    None => pending.push(future),
+                }
+            }
+            let all = std::future::poll_fn(|cx| {
+                pending.retain_mut(|future| match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => {
+                        finished.push(value);
+                        false
+                    }
+                    std::task::Poll::Pending => true,
+                });
+                if pending.is_empty() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            let _ = tokio::time::timeout(wait, all).await;
+            finished
         }
 
         /// The first pushed future's output, once it is ready (the others make progress too).

@@ -294,7 +294,7 @@ impl EdgeNode {
             .map(|i| (format!("dev-{i}"), format!("secret-{i}-{}", free_port())))
             .collect();
         let mut toml = format!(
-            "[gateway]\nid = \"e2e-gateway\"\ndata_dir = {:?}\n[journal]\nflush_interval_ms = 5\n[clean.skew.defaults]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{mqtt_port}\"\n",
+            "[gateway]\nid = \"e2e-gateway\"\ndata_dir = {:?}\n[clean.skew.defaults]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[mqtt]\n[[mqtt.listeners]]\naddress = \"127.0.0.1:{mqtt_port}\"\n",
             dir.display().to_string()
         );
         let params = fieldgate_edge::ingress::mqtt::PasswordHashParams::new(1024, 1, 1, None)
@@ -343,7 +343,11 @@ impl EdgeNode {
         let child = Command::new(binary("fieldgate-edge"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "error")
+            // FIELDGATE_E2E_EDGE_LOG=warn shows the uplink's retries while debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("FIELDGATE_E2E_EDGE_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
