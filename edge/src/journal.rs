@@ -103,6 +103,18 @@ pub struct OpenReport {
     pub readings_held: u64,
 }
 
+/// What [`Journal::read_selected`] found.
+#[derive(Debug)]
+pub struct Selection {
+    /// The selected readings with their sequence numbers.
+    pub readings: Vec<(u64, Reading)>,
+    /// The first sequence number the journal held from where the read started (greater than
+    /// the start when readings there were dropped).
+    pub first_seq: u64,
+    /// The last sequence number looked at: the last selected one when `max` were found.
+    pub last_seq: u64,
+}
+
 /// What ingress and the writer need of a journal: the small storage trait the sled [`Journal`]
 /// implements, and [`MemoryJournal`], the in-memory reference model it is tested against.
 pub trait JournalStore: Send {
@@ -479,17 +491,31 @@ impl Journal {
         from: u64,
         max: usize,
     ) -> Result<Vec<(u64, Reading)>, JournalError> {
-        let mut out = Vec::new();
+        Ok(self
+            .read_selected(from, max, usize::MAX, |_| true)?
+            .map(|selection| selection.readings)
+            .unwrap_or_default())
+    }
+
+    /// Up to `max` of the readings `keep` selects, from sequence number `from` on, looking at no
+    /// more than about `scan_limit` readings (whole chunks are decoded). None when the journal
+    /// holds nothing from `from` on.
+    pub fn read_selected(
+        &mut self,
+        from: u64,
+        max: usize,
+        scan_limit: usize,
+        keep: impl Fn(&Reading) -> bool,
+    ) -> Result<Option<Selection>, JournalError> {
+        let mut selection: Option<Selection> = None;
+        let mut scanned = 0usize;
         // The chunk holding `from` starts at or before it.
         let start = self
             .chunk_sizes
             .range(..=from)
             .next_back()
             .map_or(from, |(&first, _)| first);
-        for entry in self.chunks.range(start.to_be_bytes()..) {
-            if out.len() >= max {
-                break;
-            }
+        'chunks: for entry in self.chunks.range(start.to_be_bytes()..) {
             let (key, value) = entry.map_err(|e| self.storage_error(e))?;
             let first = u64_value(&key).unwrap_or(0);
             let batch = self
@@ -498,12 +524,25 @@ impl Journal {
                 .map_err(|source| JournalError::Corrupt { seq: first, source })?;
             for (i, reading) in batch.readings().into_iter().enumerate() {
                 let seq = first + i as u64;
-                if seq >= from && out.len() < max {
-                    out.push((seq, reading));
+                if seq < from {
+                    continue;
+                }
+                let selection = selection.get_or_insert_with(|| Selection {
+                    readings: Vec::new(),
+                    first_seq: seq,
+                    last_seq: seq,
+                });
+                if selection.readings.len() >= max || scanned >= scan_limit {
+                    break 'chunks;
+                }
+                scanned += 1;
+                selection.last_seq = seq;
+                if keep(&reading) {
+                    selection.readings.push((seq, reading));
                 }
             }
         }
-        Ok(out)
+        Ok(selection)
     }
 
     /// Records that `target` has everything up to and including `through_seq`, and removes the

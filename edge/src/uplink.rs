@@ -698,37 +698,40 @@ impl Uplink {
         max_readings: usize,
         waiting_since: &mut Option<Instant>,
     ) -> Result<Option<Prepared>> {
-        let scan = max_readings.saturating_mul(4).max(1024);
-        let (entries, end) = {
+        // With routing rules some readings are not this target's: look further, but not
+        // without bound (the journal is locked meanwhile; the rest waits for the next batch).
+        let scan_limit = if self.target.include.is_empty() {
+            max_readings
+        } else {
+            max_readings.saturating_mul(4).max(4096)
+        };
+        let (selection, end) = {
             let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
             let end = journal.next_seq();
-            (journal.read_from(from, scan)?, end)
+            let selection = journal.read_selected(from, max_readings, scan_limit, |reading| {
+                selected(&self.target.include, reading)
+            })?;
+            (selection, end)
         };
-        let Some(&(last_scanned, _)) = entries.last() else {
+        let Some(selection) = selection else {
             *waiting_since = None;
             return Ok(None);
         };
-        let first_held = entries[0].0;
-        let (from, lost_from) = if first_held > from {
+        let (from, lost_from) = if selection.first_seq > from {
             self.stats
                 .declared_lost
-                .fetch_add(first_held - from, Ordering::Relaxed);
-            (first_held, Some(from))
+                .fetch_add(selection.first_seq - from, Ordering::Relaxed);
+            (selection.first_seq, Some(from))
         } else {
             (from, None)
         };
-        let mut readings: Vec<Reading> = Vec::new();
+        let last_scanned = selection.last_seq;
         let mut last_seq = last_scanned;
-        for (seq, reading) in entries {
-            if !selected(&self.target.include, &reading) {
-                continue;
-            }
-            readings.push(reading);
-            if readings.len() == max_readings {
-                last_seq = seq;
-                break;
-            }
-        }
+        let mut readings: Vec<Reading> = selection
+            .readings
+            .into_iter()
+            .map(|(_, reading)| reading)
+            .collect();
         let full = readings.len() >= max_readings;
         let caught_up = last_seq + 1 >= end;
         if readings.is_empty() {

@@ -298,3 +298,81 @@ fn disk_usage(dir: &Path) -> u64 {
         .map(|f| std::fs::metadata(f).unwrap().len())
         .sum()
 }
+
+/// What a target with routing rules reads: only the readings its rule selects, at most `max` of
+/// them, looking no further than the scan limit, with the range it covered (so the uplink can
+/// move its cursor over what it looked at) and where the journal's readings actually start.
+#[test]
+fn a_selective_read_stops_at_its_limits_and_says_what_it_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut journal, _) =
+        Journal::open(config(dir.path(), u64::MAX, OverflowPolicy::PushBack)).unwrap();
+    let all = readings(300, 7);
+    journal.append(&all[..100]).unwrap();
+    journal.append(&all[100..]).unwrap();
+    let device = all[0].device.clone();
+    let theirs = |from: u64| {
+        all.iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64 + 1, r))
+            .filter(|(seq, r)| *seq >= from && r.device == device)
+            .collect::<Vec<_>>()
+    };
+
+    // Enough to find: stops at the fifth selected reading.
+    let found = journal
+        .read_selected(50, 5, usize::MAX, |r| r.device == device)
+        .unwrap()
+        .unwrap();
+    let expected = theirs(50);
+    assert_eq!(found.readings.len(), 5);
+    assert_eq!(found.first_seq, 50);
+    assert_eq!(found.last_seq, expected[4].0);
+    for ((seq, reading), (want_seq, want)) in found.readings.iter().zip(&expected) {
+        assert_eq!(
+            (seq, &reading.metric, reading.ts_ms),
+            (want_seq, &want.metric, want.ts_ms)
+        );
+    }
+
+    // The scan limit ends the read across chunk boundaries, covering exactly what it looked at.
+    let found = journal
+        .read_selected(90, 1_000, 40, |r| r.device == device)
+        .unwrap()
+        .unwrap();
+    assert_eq!((found.first_seq, found.last_seq), (90, 129));
+    assert_eq!(
+        found
+            .readings
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect::<Vec<_>>(),
+        theirs(90)
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| *seq <= 129)
+            .collect::<Vec<_>>()
+    );
+
+    // Nothing selected still reports the range covered; nothing held reports None.
+    let none = journal
+        .read_selected(1, 10, 25, |_| false)
+        .unwrap()
+        .unwrap();
+    assert!(none.readings.is_empty());
+    assert_eq!((none.first_seq, none.last_seq), (1, 25));
+    assert!(journal
+        .read_selected(301, 10, 10, |_| true)
+        .unwrap()
+        .is_none());
+
+    // Readings acknowledged by every target are gone: the read says where the journal resumes.
+    for target in TARGETS {
+        journal.ack(target, 100).unwrap();
+    }
+    let after_gap = journal
+        .read_selected(1, 10, 100, |_| true)
+        .unwrap()
+        .unwrap();
+    assert_eq!(after_gap.first_seq, 101);
+}
