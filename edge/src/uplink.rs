@@ -1160,6 +1160,79 @@ mod futures_ordered {
 mod tests {
     use super::*;
 
+    /// Settling keeps what finished in time and drops what did not (a half-open connection).
+    #[tokio::test]
+    async fn settling_keeps_what_finishes_and_drops_the_rest() {
+        let mut queue = futures_ordered::Queue::<u32>::default();
+        queue.push(Box::pin(async { 1 }));
+        queue.push(Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            2
+        }));
+        queue.push(Box::pin(std::future::pending()));
+        let mut finished = queue.settle(Duration::from_millis(500)).await;
+        finished.sort();
+        assert_eq!(finished, vec![1, 2]);
+    }
+
+    /// A backoff grown long after an outage ends as soon as the cloud listens again; one that
+    /// follows a failure at a reachable endpoint is waited out.
+    #[tokio::test]
+    async fn a_backoff_ends_when_an_unreachable_endpoint_comes_back() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("https://127.0.0.1:{port}");
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let back = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap()
+        });
+        let waited = tokio::time::timeout(
+            Duration::from_secs(20),
+            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint),
+        )
+        .await;
+        assert_eq!(
+            waited,
+            Ok(false),
+            "the 60 s backoff did not end when the endpoint came back"
+        );
+        let listener = back.await.unwrap();
+
+        // Reachable all along: the failure was something else, so the backoff runs its course.
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(2),
+            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint),
+        )
+        .await;
+        assert!(
+            waited.is_err(),
+            "a reachable endpoint's backoff ended early"
+        );
+
+        // Stopping ends any backoff.
+        let (stop_tx, mut stop) = watch::channel(false);
+        drop(listener);
+        let stopping = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stop_tx.send(true).unwrap();
+            stop_tx
+        });
+        let waited = tokio::time::timeout(
+            Duration::from_secs(20),
+            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint),
+        )
+        .await;
+        assert_eq!(waited, Ok(true));
+        drop(stopping.await.unwrap());
+    }
+
     #[test]
     fn aggregates_are_exact_per_window() {
         use fieldgate_shared::model::{DeviceId, MetricName, Quality, Value};
