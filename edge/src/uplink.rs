@@ -617,13 +617,10 @@ impl Uplink {
                         else {
                             return true;
                         };
-                        if others_got_through {
-                            // The cloud is there and other connections work: this one failed on
-                            // its own. Resend at once, as after a success.
-                            backoff = BACKOFF_INITIAL;
-                            continue 'resend;
-                        }
-                        if self.target.endpoints.len() > 1 {
+                        // When others got through, the endpoint works and this connection failed
+                        // on its own: no failover. The backoff still grows until the next
+                        // success, so a batch that fails every time is paced, not hammered.
+                        if !others_got_through && self.target.endpoints.len() > 1 {
                             self.stats.endpoint.fetch_add(1, Ordering::Relaxed);
                             self.stats.failovers.fetch_add(1, Ordering::Relaxed);
                             failed_over_at = Some(Instant::now());
