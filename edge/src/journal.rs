@@ -498,8 +498,8 @@ impl Journal {
     }
 
     /// Up to `max` of the readings `keep` selects, from sequence number `from` on, looking at no
-    /// more than about `scan_limit` readings (whole chunks are decoded). None when the journal
-    /// holds nothing from `from` on.
+    /// more than `scan_limit` readings (whole chunks are decoded). None when the journal holds
+    /// nothing from `from` on (or `max` or `scan_limit` is 0).
     pub fn read_selected(
         &mut self,
         from: u64,
@@ -509,6 +509,9 @@ impl Journal {
     ) -> Result<Option<Selection>, JournalError> {
         let mut selection: Option<Selection> = None;
         let mut scanned = 0usize;
+        let done = |selection: &Option<Selection>, scanned: usize| {
+            scanned >= scan_limit || selection.as_ref().map_or(0, |s| s.readings.len()) >= max
+        };
         // The chunk holding `from` starts at or before it.
         let start = self
             .chunk_sizes
@@ -516,6 +519,9 @@ impl Journal {
             .next_back()
             .map_or(from, |(&first, _)| first);
         'chunks: for entry in self.chunks.range(start.to_be_bytes()..) {
+            if done(&selection, scanned) {
+                break; // before decoding a chunk only to stop
+            }
             let (key, value) = entry.map_err(|e| self.storage_error(e))?;
             let first = u64_value(&key).unwrap_or(0);
             let batch = self
@@ -527,14 +533,14 @@ impl Journal {
                 if seq < from {
                     continue;
                 }
+                if done(&selection, scanned) {
+                    break 'chunks;
+                }
                 let selection = selection.get_or_insert_with(|| Selection {
                     readings: Vec::new(),
                     first_seq: seq,
                     last_seq: seq,
                 });
-                if selection.readings.len() >= max || scanned >= scan_limit {
-                    break 'chunks;
-                }
                 scanned += 1;
                 selection.last_seq = seq;
                 if keep(&reading) {

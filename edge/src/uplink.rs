@@ -470,6 +470,9 @@ impl Uplink {
         // earlier one. It is believed only when a lone request gets it again.
         let mut suspected_loss: Option<u64> = None;
         let mut failed_over_at: Option<Instant> = None;
+        // A backoff may end early once per run of failures (when an unreachable endpoint comes
+        // back); an endpoint that keeps failing after that is only paced by the backoff.
+        let mut may_end_early = true;
         'resend: loop {
             let Some(mut send_from) = self.cursor() else {
                 self.stats.error(format!(
@@ -543,6 +546,7 @@ impl Uplink {
                     Ok(ack) => {
                         suspected_loss = None;
                         backoff = BACKOFF_INITIAL;
+                        may_end_early = true;
                         if let Err(err) = self.ack(prepared.last_seq) {
                             self.stats
                                 .error(format!("moving the journal cursor: {err:#}"));
@@ -609,11 +613,10 @@ impl Uplink {
                     }
                     Err(SendError::Transient(message)) => {
                         self.stats.error(format!("{}: {message}", self.endpoint()));
-                        let failed = self.endpoint().to_owned();
                         let wait = jitter(backoff);
                         let started = Instant::now();
                         let Some(others_got_through) =
-                            settle(stop, in_flight, wait.max(SETTLE_AT_MOST)).await
+                            settle(stop, in_flight, wait.min(SETTLE_AT_MOST)).await
                         else {
                             return true;
                         };
@@ -626,8 +629,11 @@ impl Uplink {
                             failed_over_at = Some(Instant::now());
                         }
                         let rest = wait.saturating_sub(started.elapsed());
-                        if backoff_or_return(stop, rest, &failed).await {
-                            return true;
+                        let endpoint = self.endpoint().to_owned(); // the one tried next
+                        match backoff_or_return(stop, rest, &endpoint, may_end_early).await {
+                            Backoff::Stopped => return true,
+                            Backoff::EndedEarly => may_end_early = false,
+                            Backoff::WaitedOut => {}
                         }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                         continue 'resend;
@@ -1012,16 +1018,26 @@ async fn settle(
     )
 }
 
-/// Backs off for `wait` after a failed send to `endpoint`, but ends early when the endpoint,
-/// unreachable at first, starts accepting connections again (checked every [`PROBE_PERIOD`]):
-/// after an outage sending resumes at once instead of after a backoff grown long. An endpoint
-/// that was reachable all along (the failure was something else) is waited out in full.
-/// True if `stop` turned true meanwhile.
+/// How a backoff ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Backoff {
+    WaitedOut,
+    /// The endpoint, unreachable at first, accepted a connection.
+    EndedEarly,
+    Stopped,
+}
+
+/// Backs off for `wait` after a failed send to `endpoint`. With `may_end_early`, the backoff
+/// ends as soon as the endpoint, unreachable at first, accepts connections again (a bare TCP
+/// connect every [`PROBE_PERIOD`]): after an outage sending resumes at once instead of after a
+/// backoff grown long. An endpoint that was reachable all along (the failure was something
+/// else) is waited out in full.
 async fn backoff_or_return(
     stop: &mut watch::Receiver<bool>,
     wait: Duration,
     endpoint: &str,
-) -> bool {
+    may_end_early: bool,
+) -> Backoff {
     let deadline = tokio::time::Instant::now() + wait;
     let address = reqwest::Url::parse(endpoint)
         .ok()
@@ -1033,23 +1049,31 @@ async fn backoff_or_return(
         let connect = tokio::net::TcpStream::connect((address.0.as_str(), address.1));
         matches!(tokio::time::timeout(PROBE_PERIOD, connect).await, Ok(Ok(_)))
     };
-    if wait <= PROBE_PERIOD || reachable().await {
-        return sleep_or_stop(
-            stop,
-            deadline.saturating_duration_since(tokio::time::Instant::now()),
-        )
-        .await;
+    let waited_out = |stopped: bool| {
+        if stopped {
+            Backoff::Stopped
+        } else {
+            Backoff::WaitedOut
+        }
+    };
+    if !may_end_early || wait <= PROBE_PERIOD || reachable().await {
+        let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+        return waited_out(sleep_or_stop(stop, rest).await);
     }
     loop {
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return *stop.borrow();
+            return waited_out(*stop.borrow());
         }
         if sleep_or_stop(stop, PROBE_PERIOD.min(deadline - now)).await {
-            return true;
+            return Backoff::Stopped;
         }
-        if reachable().await {
-            return *stop.borrow();
+        let found = tokio::select! {
+            found = reachable() => found,
+            _ = stop.wait_for(|s| *s) => return Backoff::Stopped,
+        };
+        if found {
+            return Backoff::EndedEarly;
         }
     }
 }
@@ -1173,7 +1197,8 @@ mod tests {
     }
 
     /// A backoff grown long after an outage ends as soon as the cloud listens again; one that
-    /// follows a failure at a reachable endpoint is waited out.
+    /// follows a failure at a reachable endpoint, or a second one in a run of failures, is
+    /// waited out; stopping ends any.
     #[tokio::test]
     async fn a_backoff_ends_when_an_unreachable_endpoint_comes_back() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1182,40 +1207,51 @@ mod tests {
             .unwrap()
             .port();
         let endpoint = format!("https://127.0.0.1:{port}");
-        let (_stop_tx, mut stop) = watch::channel(false);
-        let back = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            tokio::net::TcpListener::bind(("127.0.0.1", port))
+        let listen_soon = move || {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap()
+            })
+        };
+        let backoff = |may_end_early: bool, limit: Duration| {
+            let endpoint = endpoint.clone();
+            async move {
+                let (_stop_tx, mut stop) = watch::channel(false);
+                tokio::time::timeout(
+                    limit,
+                    backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint, may_end_early),
+                )
                 .await
-                .unwrap()
-        });
-        let waited = tokio::time::timeout(
-            Duration::from_secs(20),
-            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint),
-        )
-        .await;
+            }
+        };
+
+        let back = listen_soon();
         assert_eq!(
-            waited,
-            Ok(false),
+            backoff(true, Duration::from_secs(20)).await,
+            Ok(Backoff::EndedEarly),
             "the 60 s backoff did not end when the endpoint came back"
         );
         let listener = back.await.unwrap();
 
         // Reachable all along: the failure was something else, so the backoff runs its course.
-        let (_stop_tx, mut stop) = watch::channel(false);
-        let waited = tokio::time::timeout(
-            Duration::from_secs(2),
-            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint),
-        )
-        .await;
         assert!(
-            waited.is_err(),
+            backoff(true, Duration::from_secs(2)).await.is_err(),
             "a reachable endpoint's backoff ended early"
         );
 
-        // Stopping ends any backoff.
-        let (stop_tx, mut stop) = watch::channel(false);
+        // Once a backoff ended early in a run of failures, the next is waited out even if the
+        // endpoint comes back (it may be flapping).
         drop(listener);
+        let back = listen_soon();
+        assert!(
+            backoff(false, Duration::from_secs(2)).await.is_err(),
+            "a second early end in one run of failures"
+        );
+        drop(back.await.unwrap());
+
+        let (stop_tx, mut stop) = watch::channel(false);
         let stopping = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             stop_tx.send(true).unwrap();
@@ -1223,10 +1259,10 @@ mod tests {
         });
         let waited = tokio::time::timeout(
             Duration::from_secs(20),
-            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint),
+            backoff_or_return(&mut stop, Duration::from_secs(60), &endpoint, true),
         )
         .await;
-        assert_eq!(waited, Ok(true));
+        assert_eq!(waited, Ok(Backoff::Stopped));
         drop(stopping.await.unwrap());
     }
 
