@@ -3,7 +3,7 @@
 //!
 //! # Design constraints
 //! - Nothing acknowledged to a device may be lost: callers ACK devices only after [`Journal::flush`]
-//!   returned, which flushes sled explicitly (its 0.34 background flush uses `sync_file_range`,
+//!   (or a [`Flusher`] taken after the append) returned, which flushes sled explicitly (its 0.34 background flush uses `sync_file_range`,
 //!   which does not promise durability; see sled issues 1351 and 1452).
 //! - Flash wears out: readings are stored in chunks of one group commit each, encoded with the
 //!   shared batch codec (about a byte per reading), not one record per reading.
@@ -29,6 +29,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fieldgate_shared::codec::{
     BatchMeta, DecodeError, Decoder, EncodeError, EncodeOptions, Encoder,
@@ -115,6 +117,9 @@ pub struct Selection {
     pub last_seq: u64,
 }
 
+/// A flush taken from a journal ([`JournalStore::flusher`]) and run without holding it.
+pub type Flusher = Box<dyn FnOnce() -> Result<(), JournalError> + Send>;
+
 /// What ingress and the writer need of a journal: the small storage trait the sled [`Journal`]
 /// implements, and [`MemoryJournal`], the in-memory reference model it is tested against.
 pub trait JournalStore: Send {
@@ -123,6 +128,9 @@ pub trait JournalStore: Send {
     fn append(&mut self, readings: &[Reading]) -> Result<std::ops::Range<u64>, JournalError>;
     /// Makes everything appended so far durable.
     fn flush(&mut self) -> Result<(), JournalError>;
+    /// What makes everything appended so far durable, to run after letting go of the journal:
+    /// a flush (an fsync, slow on SD cards) then holds up no reader of the journal.
+    fn flusher(&self) -> Flusher;
     /// Up to `max` readings for `target` from its cursor on, with their sequence numbers.
     fn read(&mut self, target: &str, max: usize) -> Result<Vec<(u64, Reading)>, JournalError>;
     /// `target` has everything up to and including `through_seq`.
@@ -167,6 +175,10 @@ impl JournalStore for MemoryJournal {
 
     fn flush(&mut self) -> Result<(), JournalError> {
         Ok(())
+    }
+
+    fn flusher(&self) -> Flusher {
+        Box::new(|| Ok(()))
     }
 
     fn read(&mut self, target: &str, max: usize) -> Result<Vec<(u64, Reading)>, JournalError> {
@@ -216,6 +228,9 @@ impl JournalStore for Journal {
     fn flush(&mut self) -> Result<(), JournalError> {
         Journal::flush(self)
     }
+    fn flusher(&self) -> Flusher {
+        Journal::flusher(self)
+    }
     fn read(&mut self, target: &str, max: usize) -> Result<Vec<(u64, Reading)>, JournalError> {
         Journal::read(self, target, max)
     }
@@ -248,6 +263,8 @@ pub struct Journal {
     encoder: Encoder,
     decoder: Decoder,
     stats: JournalStats,
+    /// Flushes done, by [`Journal::flush`] or a [`Flusher`] (which runs without the journal).
+    flushes: Arc<AtomicU64>,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -352,6 +369,7 @@ impl Journal {
             encoder: Encoder::new(EncodeOptions::default())?,
             decoder: Decoder::new(),
             stats: JournalStats::default(),
+            flushes: Arc::default(),
         };
         // Targets removed from the configuration no longer hold chunks back.
         journal.remove_acknowledged_chunks()?;
@@ -472,8 +490,23 @@ impl Journal {
     /// Makes everything appended so far durable. Acknowledge to devices only after this.
     pub fn flush(&mut self) -> Result<(), JournalError> {
         self.db.flush().map_err(|e| self.storage_error(e))?;
-        self.stats.flushes += 1;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// [`Journal::flush`] to run after letting go of the journal. A compaction meanwhile is
+    /// harmless: it copies everything appended, flushed, into the new store, and the flusher's
+    /// handle keeps the old one open until it is done.
+    pub fn flusher(&self) -> Flusher {
+        let db = self.db.clone();
+        let path = self.config.path.clone();
+        let flushes = self.flushes.clone();
+        Box::new(move || {
+            db.flush()
+                .map_err(|source| JournalError::Storage { path, source })?;
+            flushes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
     }
 
     /// Up to `max` readings for `target` from its cursor on, with their sequence numbers.
@@ -628,9 +661,10 @@ impl Journal {
         std::fs::rename(&compact_path, &self.config.path).map_err(io(&compact_path))?;
         std::fs::remove_dir_all(&old_path).map_err(io(&old_path))?;
         let reopened = Self::open_existing(&self.config)?;
-        let stats = self.stats;
+        let (stats, flushes) = (self.stats, self.flushes.clone());
         *self = reopened;
         self.stats = stats;
+        self.flushes = flushes;
         self.stats.compactions += 1;
         tracing::info!(before, after = self.size_on_disk(), "journal compacted");
         Ok(())
@@ -685,7 +719,10 @@ impl Journal {
     }
 
     pub fn stats(&self) -> JournalStats {
-        self.stats
+        JournalStats {
+            flushes: self.flushes.load(Ordering::Relaxed),
+            ..self.stats
+        }
     }
 
     /// The journal's size on disk, in bytes (sled's files, which lag behind removals until its

@@ -169,8 +169,14 @@ fn start_flush<J: JournalStore + 'static>(
     let journal = journal.clone();
     // sled blocks on I/O: keep it off the async workers.
     let task = tokio::task::spawn_blocking(move || {
-        let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-        journal.append(&accepted).and_then(|_| journal.flush())
+        // Appended under the journal's lock, flushed after letting go of it: the uplink and
+        // the status API read the journal meanwhile.
+        let flush = {
+            let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal.append(&accepted)?;
+            journal.flusher()
+        };
+        flush()
     });
     Flush {
         task,

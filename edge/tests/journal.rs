@@ -376,3 +376,38 @@ fn a_selective_read_stops_at_its_limits_and_says_what_it_covered() {
         .unwrap();
     assert_eq!(after_gap.first_seq, 101);
 }
+
+/// The writer flushes after letting go of the journal, so a compaction can swap the store while
+/// a flush taken before it is still to run: that flush still succeeds, and what was appended
+/// before and after is all there after a restart.
+#[test]
+fn a_flush_taken_before_a_compaction_runs_after_it_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut journal, _) =
+        Journal::open(config(dir.path(), u64::MAX, OverflowPolicy::PushBack)).unwrap();
+    for i in 0..400 {
+        journal.append(&readings(1_000, i)).unwrap();
+        journal.flush().unwrap();
+    }
+    journal.append(&readings(1_000, 500)).unwrap();
+    let flush = journal.flusher();
+    // Every target acknowledges all but the last group: the files outgrow the live data and
+    // the journal compacts.
+    for target in TARGETS {
+        journal.ack(target, journal.next_seq() - 1_001).unwrap();
+    }
+    assert_eq!(journal.stats().compactions, 1);
+    flush().unwrap();
+    journal.append(&readings(1_000, 501)).unwrap();
+    journal.flusher()().unwrap();
+    assert!(journal.stats().flushes >= 402);
+    let next_seq = journal.next_seq();
+    drop(journal);
+    let (mut journal, report) =
+        Journal::open(config(dir.path(), u64::MAX, OverflowPolicy::PushBack)).unwrap();
+    assert!(report.moved_aside.is_none());
+    assert_eq!(journal.next_seq(), next_seq);
+    let held = journal.read("private", usize::MAX).unwrap();
+    assert_eq!(held.len(), 2_000);
+    assert_eq!(held[0].0, next_seq - 2_000);
+}

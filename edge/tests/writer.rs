@@ -173,6 +173,12 @@ impl fieldgate_edge::journal::JournalStore for SlowFlush {
         std::thread::sleep(Duration::from_millis(30));
         self.0.flush()
     }
+    fn flusher(&self) -> fieldgate_edge::journal::Flusher {
+        Box::new(|| {
+            std::thread::sleep(Duration::from_millis(30));
+            Ok(())
+        })
+    }
     fn read(
         &mut self,
         target: &str,
