@@ -3,8 +3,9 @@
 //!
 //! # Design constraints
 //! - Nothing acknowledged to a device may be lost: callers ACK devices only after [`Journal::flush`]
-//!   (or a [`Flusher`] taken after the append) returned, which flushes sled explicitly (its 0.34 background flush uses `sync_file_range`,
-//!   which does not promise durability; see sled issues 1351 and 1452).
+//!   (or a [`Flusher`] taken after the append) returned, which flushes sled explicitly (its 0.34
+//!   background flush uses `sync_file_range`, which does not promise durability; see sled issues
+//!   1351 and 1452).
 //! - Flash wears out: readings are stored in chunks of one group commit each, encoded with the
 //!   shared batch codec (about a byte per reading), not one record per reading.
 //! - A slow target never blocks another: each target has its own cursor.

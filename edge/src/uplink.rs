@@ -565,10 +565,7 @@ impl Uplink {
                     }
                     Err(SendError::RetryAfter(wait)) => {
                         self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                        let started = Instant::now();
-                        if settle(stop, in_flight, wait).await.is_none()
-                            || sleep_or_stop(stop, wait.saturating_sub(started.elapsed())).await
-                        {
+                        if settle_then_sleep(stop, in_flight, wait).await {
                             return true;
                         }
                         continue 'resend;
@@ -641,10 +638,7 @@ impl Uplink {
                     Err(SendError::Refused(message)) => {
                         self.stats.error(format!("{}: {message}", self.endpoint()));
                         let wait = jitter(backoff.max(Duration::from_secs(5)));
-                        let started = Instant::now();
-                        if settle(stop, in_flight, wait).await.is_none()
-                            || sleep_or_stop(stop, wait.saturating_sub(started.elapsed())).await
-                        {
+                        if settle_then_sleep(stop, in_flight, wait).await {
                             return true;
                         }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -728,8 +722,7 @@ impl Uplink {
         } else {
             (from, None)
         };
-        let last_scanned = selection.last_seq;
-        let mut last_seq = last_scanned;
+        let mut last_seq = selection.last_seq;
         let mut readings: Vec<Reading> = selection
             .readings
             .into_iter()
@@ -748,7 +741,7 @@ impl Uplink {
             return Ok(Some(Prepared {
                 lost_from,
                 first_seq: from,
-                last_seq: last_scanned,
+                last_seq,
                 readings: 0,
                 bytes: bytes::Bytes::new(),
             }));
@@ -1016,6 +1009,18 @@ async fn settle(
             .iter()
             .any(|(_, result)| !matches!(result, Err(SendError::Transient(_)))),
     )
+}
+
+/// Waits `wait`, letting the requests in flight finish meanwhile (see [`settle`]); true if
+/// `stop` turned true.
+async fn settle_then_sleep(
+    stop: &mut watch::Receiver<bool>,
+    in_flight: InFlight,
+    wait: Duration,
+) -> bool {
+    let started = Instant::now();
+    settle(stop, in_flight, wait).await.is_none()
+        || sleep_or_stop(stop, wait.saturating_sub(started.elapsed())).await
 }
 
 /// How a backoff ended.

@@ -228,15 +228,21 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-#[test]
-fn space_comes_back_once_a_backlog_is_acknowledged() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut journal, _) =
-        Journal::open(config(dir.path(), u64::MAX, OverflowPolicy::PushBack)).unwrap();
+/// A journal that has taken 400 groups of 1,000 readings, each flushed: enough files for
+/// acknowledging them to make it compact.
+fn journal_of_400_flushed_groups(dir: &Path) -> Journal {
+    let (mut journal, _) = Journal::open(config(dir, u64::MAX, OverflowPolicy::PushBack)).unwrap();
     for i in 0..400 {
         journal.append(&readings(1_000, i)).unwrap();
         journal.flush().unwrap();
     }
+    journal
+}
+
+#[test]
+fn space_comes_back_once_a_backlog_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = journal_of_400_flushed_groups(dir.path());
     let full = disk_usage(&dir.path().join("journal"));
     for target in TARGETS {
         journal.ack(target, journal.next_seq() - 1).unwrap();
@@ -383,12 +389,7 @@ fn a_selective_read_stops_at_its_limits_and_says_what_it_covered() {
 #[test]
 fn a_flush_taken_before_a_compaction_runs_after_it_safely() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut journal, _) =
-        Journal::open(config(dir.path(), u64::MAX, OverflowPolicy::PushBack)).unwrap();
-    for i in 0..400 {
-        journal.append(&readings(1_000, i)).unwrap();
-        journal.flush().unwrap();
-    }
+    let mut journal = journal_of_400_flushed_groups(dir.path());
     journal.append(&readings(1_000, 500)).unwrap();
     let flush = journal.flusher();
     // Every target acknowledges all but the last group: the files outgrow the live data and

@@ -20,6 +20,32 @@ struct Run {
     _dir: tempfile::TempDir,
 }
 
+/// The writer on `journal` with the cleaning pipeline's defaults, fed through a channel of
+/// `capacity` messages.
+fn spawn_writer<J: fieldgate_edge::journal::JournalStore + 'static>(
+    journal: Arc<Mutex<J>>,
+    capacity: usize,
+    group_commit: GroupCommit,
+) -> (
+    mpsc::Sender<JournalInput>,
+    tokio::task::JoinHandle<()>,
+    Arc<WriterStats>,
+) {
+    // The generated readings are from January: no clock-skew correction of them here.
+    let clean: CleanConfig = toml::from_str("[skew.defaults]\nenabled = false\n").unwrap();
+    let pipeline = Arc::new(Mutex::new(Pipeline::new(&clean).unwrap()));
+    let stats = Arc::new(WriterStats::default());
+    let (input_tx, input) = mpsc::channel(capacity);
+    let writer = tokio::spawn(run_writer(
+        journal,
+        pipeline,
+        input,
+        group_commit,
+        stats.clone(),
+    ));
+    (input_tx, writer, stats)
+}
+
 /// 400 messages of 50 readings from 8 senders at once into a journal with a 40 kB quota.
 async fn run(policy: OverflowPolicy) -> Run {
     let dir = tempfile::tempdir().unwrap();
@@ -32,21 +58,14 @@ async fn run(policy: OverflowPolicy) -> Run {
     })
     .unwrap();
     let journal = Arc::new(Mutex::new(journal));
-    // The generated readings are from January: no clock-skew correction of them here.
-    let clean: CleanConfig = toml::from_str("[skew.defaults]\nenabled = false\n").unwrap();
-    let pipeline = Arc::new(Mutex::new(Pipeline::new(&clean).unwrap()));
-    let stats = Arc::new(WriterStats::default());
-    let (input_tx, input) = mpsc::channel(64);
-    let writer = tokio::spawn(run_writer(
+    let (input_tx, writer, stats) = spawn_writer(
         journal.clone(),
-        pipeline,
-        input,
+        64,
         GroupCommit {
             linger: Duration::from_millis(2),
             max_readings: 500,
         },
-        stats.clone(),
-    ));
+    );
     let readings: Vec<Reading> = SensorFleet::new(FleetConfig {
         devices: 8,
         ..FleetConfig::default()
@@ -209,20 +228,14 @@ async fn messages_arriving_during_a_flush_share_the_next_one() {
     let journal = Arc::new(Mutex::new(SlowFlush(
         fieldgate_edge::journal::MemoryJournal::new(&["cloud".to_string()]),
     )));
-    let clean: CleanConfig = toml::from_str("[skew.defaults]\nenabled = false\n").unwrap();
-    let pipeline = Arc::new(Mutex::new(Pipeline::new(&clean).unwrap()));
-    let stats = Arc::new(WriterStats::default());
-    let (input_tx, input) = mpsc::channel(1024);
-    let writer = tokio::spawn(run_writer(
+    let (input_tx, writer, stats) = spawn_writer(
         journal.clone(),
-        pipeline,
-        input,
+        1024,
         GroupCommit {
             linger: Duration::ZERO,
             max_readings: 100_000,
         },
-        stats.clone(),
-    ));
+    );
     let readings: Vec<Reading> = SensorFleet::new(FleetConfig {
         devices: 4,
         ..FleetConfig::default()

@@ -340,15 +340,18 @@ impl EdgeNode {
     }
 
     pub async fn restart(&mut self) -> Result<()> {
+        let edge_log = std::env::var("FIELDGATE_E2E_EDGE_LOG").ok();
         let child = Command::new(binary("fieldgate-edge"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            // FIELDGATE_E2E_EDGE_LOG=warn shows the uplink's retries while debugging a test.
-            .env(
-                "RUST_LOG",
-                std::env::var("FIELDGATE_E2E_EDGE_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdout(Stdio::null())
+            // FIELDGATE_E2E_EDGE_LOG=warn shows the uplink's retries while debugging a test (the
+            // agent logs to stdout).
+            .env("RUST_LOG", edge_log.as_deref().unwrap_or("error"))
+            .stdout(if edge_log.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
